@@ -1,0 +1,38 @@
+// attention: batch- and query-invariant GQA attention with left padding and sliding windows.
+#pragma once
+
+#include "margingate/common.h"
+
+namespace margingate {
+
+// q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], o [B, Hq, Tq, D]; strides in elements, any layout.
+// Query j of row b sits at position p = Tk - Tq + j. It attends to keys t with
+//   kv_start[b] <= t (left padding before it is ignored; kv_start == nullptr means 0),
+//   t <= p when causal, and p - window < t when window > 0 (sliding window).
+// Head h of q uses kv head h / (Hq / Hkv). scores are q.k * scale; softmax in fp32.
+//
+// Invariance (the contract): o[b, h, j] depends only on that query vector and the keys/values it
+// attends to, bit for bit: keys are reduced in fixed-size chunks counted from the first key the
+// query sees, with an online softmax in fp32, and the chunks are combined in order. A query with
+// no visible key gets zeros.
+struct AttentionArgs {
+  DType dtype = DType::kFloat32;
+  const void* q = nullptr;
+  int64_t B = 0, Hq = 0, Tq = 0, D = 0;
+  int64_t q_stride[4] = {0, 0, 0, 0};
+  const void* k = nullptr;
+  int64_t Hkv = 0, Tk = 0;
+  int64_t k_stride[4] = {0, 0, 0, 0};
+  const void* v = nullptr;
+  int64_t v_stride[4] = {0, 0, 0, 0};
+  const int64_t* kv_start = nullptr;  // optional [B]
+  bool causal = true;
+  float scale = 1.0f;
+  int64_t window = 0;  // <= 0: no sliding window
+  void* o = nullptr;
+  int64_t o_stride[4] = {0, 0, 0, 0};
+};
+
+Status attention(const AttentionArgs& args, const Parallel& parallel);
+
+}  // namespace margingate

@@ -1,0 +1,30 @@
+// kv_patch: overwrite single K/V columns of a cache in place.
+#pragma once
+
+#include "margingate/common.h"
+
+namespace margingate {
+
+// A cache in the Hugging Face layout [batch, heads, capacity, head_dim]; strides in elements.
+struct CacheView {
+  void* data = nullptr;
+  int64_t batch = 0, heads = 0, capacity = 0, head_dim = 0;
+  int64_t stride[4] = {0, 0, 0, 0};
+};
+
+// A [n, heads, head_dim] block of new columns; strides in elements.
+struct ColumnsView {
+  const void* data = nullptr;
+  int64_t n = 0, heads = 0, head_dim = 0;
+  int64_t stride[3] = {0, 0, 0};
+};
+
+// For i in [0, n): k_cache[rows[i], :, positions[i], :] = k_new[i] and the same for v.
+// Every index is validated first (range, duplicates of a (row, position) pair, shapes); on any
+// error nothing is written and the Status names the argument. Costs O(n * heads * head_dim):
+// the cache is never copied.
+Status kv_patch(DType dtype, const CacheView& k_cache, const CacheView& v_cache,
+                const int64_t* rows, const int64_t* positions, int64_t n, const ColumnsView& k_new,
+                const ColumnsView& v_new);
+
+}  // namespace margingate

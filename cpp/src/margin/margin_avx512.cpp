@@ -1,0 +1,103 @@
+// margin: AVX-512 segment scan. Compiled with -mavx512*; called only when the CPU has AVX-512.
+//
+// Each of 2 x 16 lanes keeps its own running (best, second) over the indices it sees, in
+// increasing order, with strict > so the first index wins ties; the lanes are then merged with
+// the exact (value desc, index asc) rule. The answer is the scalar path's answer, bit for bit.
+#include <immintrin.h>
+
+#include "margin_impl.h"
+
+namespace margingate::margin_impl {
+
+namespace {
+
+struct Lanes {
+  __m512 v1 = _mm512_set1_ps(-INFINITY), v2 = _mm512_set1_ps(-INFINITY);
+  __m512i i1 = _mm512_set1_epi32(-1), i2 = _mm512_set1_epi32(-1);
+
+  inline void step(__m512 x, __m512i idx) {
+    const __mmask16 gt1 = _mm512_cmp_ps_mask(x, v1, _CMP_GT_OQ);
+    const __mmask16 gt2 = _mm512_cmp_ps_mask(x, v2, _CMP_GT_OQ);
+    v2 = _mm512_mask_blend_ps(gt2, v2, x);
+    i2 = _mm512_mask_blend_epi32(gt2, i2, idx);
+    v2 = _mm512_mask_blend_ps(gt1, v2, v1);  // a new best demotes the old best
+    i2 = _mm512_mask_blend_epi32(gt1, i2, i1);
+    v1 = _mm512_mask_blend_ps(gt1, v1, x);
+    i1 = _mm512_mask_blend_epi32(gt1, i1, idx);
+  }
+
+  void offer_to(Top2& t) const {
+    alignas(64) float a[16], b[16];
+    alignas(64) int32_t ia[16], ib[16];
+    _mm512_store_ps(a, v1);
+    _mm512_store_ps(b, v2);
+    _mm512_store_si512(ia, i1);
+    _mm512_store_si512(ib, i2);
+    for (int l = 0; l < 16; ++l) {
+      offer(t, a[l], ia[l]);
+      offer(t, b[l], ib[l]);
+    }
+  }
+};
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16_t* p) {
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 load16(const fp16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename T>
+Top2 scan(const T* row, int64_t begin, int64_t end) {
+  Lanes a, b;
+  __mmask16 nan = 0;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t c = begin;
+  for (; c + 32 <= end; c += 32) {
+    const __m512 xa = load16(row + c), xb = load16(row + c + 16);
+    nan |= _mm512_cmp_ps_mask(xa, xa, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(xb, xb, _CMP_UNORD_Q);
+    a.step(xa, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c)), iota));
+    b.step(xb, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c + 16)), iota));
+  }
+  for (; c + 16 <= end; c += 16) {
+    const __m512 xa = load16(row + c);
+    nan |= _mm512_cmp_ps_mask(xa, xa, _CMP_UNORD_Q);
+    a.step(xa, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c)), iota));
+  }
+  Top2 t;
+  a.offer_to(t);
+  b.offer_to(t);
+  t.has_nan = nan != 0;
+  for (; c < end; ++c) {
+    const float x = to_float(row[c]);
+    if (x != x) {
+      t.has_nan = true;
+      continue;
+    }
+    offer(t, x, c);
+  }
+  // Lanes never take -inf (x > -inf is false): when the runner-up is -inf (or missing) an earlier
+  // -inf may have been skipped, so redo the segment with the exact scalar rule. Rare: only rows
+  // that are nearly all -inf. When v2 > -inf, every value >= v2 went through the lanes.
+  if (!t.has_nan && (t.i1 < 0 || t.i2 < 0 || t.v2 == -INFINITY)) {
+    Top2 exact;
+    for (int64_t k = begin; k < end; ++k) offer(exact, to_float(row[k]), k);
+    return exact;
+  }
+  return t;
+}
+
+}  // namespace
+
+Top2 segment_avx512(DType dtype, const void* row, int64_t begin, int64_t end) {
+  switch (dtype) {
+    case DType::kFloat32: return scan(static_cast<const float*>(row), begin, end);
+    case DType::kFloat16: return scan(static_cast<const fp16_t*>(row), begin, end);
+    case DType::kBFloat16: return scan(static_cast<const bf16_t*>(row), begin, end);
+  }
+  return {};
+}
+
+}  // namespace margingate::margin_impl

@@ -1,0 +1,64 @@
+// Every margingate op schema, defined once. Backends register their kernels in
+// csrc/cpu/*.cpp and csrc/cuda/*.cpp; Python fake (meta) kernels live in
+// python/margingate/ops.py next to the wrappers.
+#include <string>
+
+#include "torch_utils.h"
+
+namespace margingate::binding {
+
+namespace {
+std::string build_info() {
+  std::string s = "torch=" MARGINGATE_TORCH_VERSION ";compiler=" MARGINGATE_COMPILER;
+  s += ";simd=";
+  s += simd_level_name(simd_level());
+  s += ";simd_supported=";
+  s += simd_level_name(simd_level_supported());
+#ifdef MARGINGATE_WITH_CUDA
+  s += ";cuda=1";
+#else
+  s += ";cuda=0";
+#endif
+  return s;
+}
+}  // namespace
+
+TORCH_LIBRARY(margingate, m) {
+  // Top-1 index (torch.argmax), top-2 index and value(top1) - value(top2) per row, one pass.
+  m.def("margin(Tensor logits) -> (Tensor top1, Tensor top2, Tensor margin)");
+  // y = x @ weight^T (+ bias) with a fixed K-reduction order: every row is batch-invariant.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // GQA attention, queries at the last Tq positions, left padding via kv_start, optional
+  // sliding window; batch-, padding-, capacity- and query-count-invariant.
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? kv_start=None, *, bool causal=True, "
+      "float? scale=None, int? window=None) -> Tensor");
+  // In place: k_cache[rows[i], :, positions[i], :] = k_new[i] (and v); all indices checked first.
+  m.def(
+      "kv_patch_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor positions, "
+      "Tensor k_new, Tensor v_new) -> ()");
+  // Build facts: torch version, compiler, SIMD level in use, CUDA compiled in.
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace margingate::binding
+
+#ifndef MARGINGATE_WITH_CUDA
+// A CPU-only build still answers a CUDA tensor with a clear message instead of torch's generic
+// "could not run ... with arguments from the 'CUDA' backend".
+namespace margingate::binding {
+namespace {
+void cuda_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, "margingate.", op.schema().name().substr(std::string("margingate::").size()),
+              ": got a CUDA tensor, but this margingate build has no CUDA kernels (it was built "
+              "without nvcc or against a CPU-only torch; see margingate.build_info())");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(margingate, CUDA, m) {
+  for (const char* name : {"margin", "linear", "attention", "kv_patch_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_not_built>());
+  }
+}
+}  // namespace margingate::binding
+#endif

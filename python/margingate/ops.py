@@ -1,0 +1,83 @@
+"""The native ops: typed wrappers around ``torch.ops.margingate.*`` and their fake kernels.
+
+Each wrapper calls the registered op (so ``torch.compile`` sees one opaque call) and sits next
+to the ``register_fake`` that tells the compiler its output shapes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_library() -> None:
+    candidates = sorted(glob.glob(os.path.join(_HERE, "_margingate*.so")))
+    if not candidates:
+        raise ImportError(
+            "margingate: the native library _margingate.so is missing from "
+            f"{_HERE}. Install with `pip install --no-build-isolation .` (see README.md)."
+        )
+    torch.ops.load_library(candidates[0])
+
+
+_load_library()
+
+
+def build_info() -> dict[str, object]:
+    """What this build is: torch it was built against, compiler, SIMD level in use, CUDA."""
+    info: dict[str, object] = {}
+    for item in torch.ops.margingate.build_info().split(";"):
+        key, _, value = item.partition("=")
+        info[key] = value
+    info["cuda"] = info.get("cuda") == "1"
+    info["torch_runtime"] = torch.__version__
+    return info
+
+
+# --------------------------------------------------------------------------- margin
+def margin(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 index, top-2 index and the logit margin of each row, in one fused pass.
+
+    ``logits`` is ``[B, V]`` (bf16/fp16/fp32, any strides, V >= 2). ``top1`` equals
+    ``torch.argmax(logits, -1)`` (first index on ties), ``margin = logits[top1] - logits[top2]``
+    is >= 0, exactly 0 on ties and NaN for a row holding NaN.
+    """
+    return torch.ops.margingate.margin.default(logits)
+
+
+@torch.library.register_fake("margingate::margin")
+def _margin_fake(logits):
+    torch._check(logits.dim() == 2, lambda: "margingate.margin: logits must be 2-D")
+    rows = logits.shape[0]
+    return (
+        logits.new_empty((rows,), dtype=torch.int64),
+        logits.new_empty((rows,), dtype=torch.int64),
+        logits.new_empty((rows,), dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------- kv_patch_
+def kv_patch_(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+) -> None:
+    """In place: ``k_cache[rows[i], :, positions[i], :] = k_new[i]`` and the same for ``v``.
+
+    Caches use the Hugging Face layout ``[B, H_kv, T, D]`` (any strides); ``k_new``/``v_new``
+    are ``[n, H_kv, D]``. Every index is validated before the first write: on an error the
+    caches are untouched.
+    """
+    torch.ops.margingate.kv_patch_.default(k_cache, v_cache, rows, positions, k_new, v_new)
+
+
+@torch.library.register_fake("margingate::kv_patch_")
+def _kv_patch_fake(k_cache, v_cache, rows, positions, k_new, v_new):
+    return None
