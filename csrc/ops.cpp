@@ -29,9 +29,12 @@ TORCH_LIBRARY(margingate, m) {
   // y = x @ weight^T (+ bias) with a fixed K-reduction order: every row is batch-invariant.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // GQA attention, queries at the last Tq positions, left padding via kv_start, optional
-  // sliding window; batch-, padding-, capacity- and query-count-invariant.
+  // sliding window; batch-, padding-, capacity- and query-count-invariant. kv_rows[b] (optional)
+  // names the row of k/v that query row b reads, so a verifier can attend over a few rows of a
+  // shared batch cache without copying them.
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, Tensor? kv_start=None, *, bool causal=True, "
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? kv_start=None, Tensor? kv_rows=None, *, "
+      "bool causal=True, "
       "float? scale=None, int? window=None) -> Tensor");
   // In place: k_cache[rows[i], :, positions[i], :] = k_new[i] (and v); all indices checked first.
   m.def(

@@ -5,7 +5,8 @@
 
 namespace margingate {
 
-// q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], o [B, Hq, Tq, D]; strides in elements, any layout.
+// q [B, Hq, Tq, D], k/v [Bkv, Hkv, Tk, D], o [B, Hq, Tq, D]; strides in elements, any layout.
+// Query row b reads k/v row kv_rows[b] (kv_rows == nullptr: row b, and then Bkv == B).
 // Query j of row b sits at position p = Tk - Tq + j. It attends to keys t with
 //   kv_start[b] <= t (left padding before it is ignored; kv_start == nullptr means 0),
 //   t <= p when causal, and p - window < t when window > 0 (sliding window).
@@ -25,7 +26,9 @@ struct AttentionArgs {
   int64_t k_stride[4] = {0, 0, 0, 0};
   const void* v = nullptr;
   int64_t v_stride[4] = {0, 0, 0, 0};
-  const int64_t* kv_start = nullptr;  // optional [B]
+  int64_t Bkv = 0;                    // rows of k/v
+  const int64_t* kv_rows = nullptr;   // optional [B], values in [0, Bkv)
+  const int64_t* kv_start = nullptr;  // optional [B], indexed by the query row
   bool causal = true;
   float scale = 1.0f;
   int64_t window = 0;  // <= 0: no sliding window
