@@ -10,3 +10,8 @@ from .ops import build_info, kv_patch_, margin
 
 __all__ = ["build_info", "kv_patch_", "margin"]
 __version__ = "0.1.0"
+
+# --- generation (MarginGate policies, the HF logits-processor hook)
+from .generation import POLICIES, GenerationResult, MarginGateProcessor, generate  # noqa: E402
+
+__all__ += ["POLICIES", "GenerationResult", "MarginGateProcessor", "generate"]
