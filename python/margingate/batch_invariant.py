@@ -111,7 +111,9 @@ def _check_float(op: str, *tensors: torch.Tensor) -> bool:
                 "(supported: float32, bfloat16, float16); run it outside batch_invariant()"
             )
     if any(t.dtype != dtype for t in tensors):
-        raise RuntimeError(f"margingate.batch_invariant: aten::{op} got mixed dtypes {[t.dtype for t in tensors]}")
+        raise RuntimeError(
+            f"margingate.batch_invariant: aten::{op} got mixed dtypes {[t.dtype for t in tensors]}"
+        )
     return True
 
 
@@ -159,15 +161,17 @@ def fixed_order_sum(x: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
     """Sum over the last dim in fp32 with margingate.linear's fixed K order (row-invariant)."""
     xf = x if x.dtype == torch.float32 else x.float()
     ones = xf.new_ones((1, xf.shape[-1]))
-    if xf.shape[-1] == 0:
-        total = xf.new_zeros((*xf.shape[:-1], 1))
-    else:
-        total = _linear(xf, ones)
+    total = xf.new_zeros((*xf.shape[:-1], 1)) if xf.shape[-1] == 0 else _linear(xf, ones)
     return total if keepdim else total.squeeze(-1)
 
 
 def _mean_dim(x: torch.Tensor, dim, keepdim: bool = False, *, dtype=None) -> torch.Tensor:
-    if is_enabled() and x.dtype in _FLOAT_TYPES and _reduces_last_dim_only(x, dim) and dtype in (None, x.dtype, torch.float32):
+    if (
+        is_enabled()
+        and x.dtype in _FLOAT_TYPES
+        and _reduces_last_dim_only(x, dim)
+        and dtype in (None, x.dtype, torch.float32)
+    ):
         out_dtype = dtype or x.dtype
         return (fixed_order_sum(x, keepdim=keepdim) / x.shape[-1]).to(out_dtype)
     out = _reduction_out_like(x, dim, keepdim, dtype)
@@ -175,7 +179,12 @@ def _mean_dim(x: torch.Tensor, dim, keepdim: bool = False, *, dtype=None) -> tor
 
 
 def _sum_dim(x: torch.Tensor, dim, keepdim: bool = False, *, dtype=None) -> torch.Tensor:
-    if is_enabled() and x.dtype in _FLOAT_TYPES and _reduces_last_dim_only(x, dim) and dtype in (None, x.dtype, torch.float32):
+    if (
+        is_enabled()
+        and x.dtype in _FLOAT_TYPES
+        and _reduces_last_dim_only(x, dim)
+        and dtype in (None, x.dtype, torch.float32)
+    ):
         return fixed_order_sum(x, keepdim=keepdim).to(dtype or x.dtype)
     out = _reduction_out_like(x, dim, keepdim, dtype)
     return torch.ops.aten.sum.IntList_out(x, dim, keepdim, dtype=dtype, out=out)

@@ -122,18 +122,24 @@ def canonical_forward(
     """
     check_supported(model)
     if input_ids.dim() != 2:
-        raise ValueError(f"margingate.canonical_forward: input_ids must be [batch, n], got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"margingate.canonical_forward: input_ids must be [batch, n], got {tuple(input_ids.shape)}"
+        )
     if attention_mask is None or attention_mask.dim() != 2:
         raise ValueError("margingate.canonical_forward: attention_mask [batch, past + n] is required")
     n = input_ids.shape[1]
     total = attention_mask.shape[1]
     if total < n:
-        raise ValueError(f"margingate.canonical_forward: attention_mask has {total} columns, fewer than the {n} new tokens")
+        raise ValueError(
+            f"margingate.canonical_forward: attention_mask has {total} columns, fewer than the {n} new tokens"
+        )
 
     with torch.no_grad(), margingate_attention(model), batch_invariant():
         if rows is None:
             if input_ids.shape[0] != attention_mask.shape[0]:
-                raise ValueError("margingate.canonical_forward: input_ids and attention_mask batch sizes differ")
+                raise ValueError(
+                    "margingate.canonical_forward: input_ids and attention_mask batch sizes differ"
+                )
             if past_key_values is not None:
                 _check_cache(past_key_values, "past_key_values")
                 if past_key_values.get_seq_length() != total - n:
@@ -152,7 +158,9 @@ def canonical_forward(
 
         batch = attention_mask.shape[0]
         if past_key_values is None:
-            raise ValueError("margingate.canonical_forward: rows= needs the shared batch cache in past_key_values")
+            raise ValueError(
+                "margingate.canonical_forward: rows= needs the shared batch cache in past_key_values"
+            )
         _check_cache(past_key_values, "past_key_values")
         if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
             raise ValueError("margingate.canonical_forward: rows must be a 1-D integer tensor")
@@ -162,7 +170,9 @@ def canonical_forward(
                 f"margingate.canonical_forward: {rows.numel()} rows but input_ids has {input_ids.shape[0]}"
             )
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
-            raise ValueError(f"margingate.canonical_forward: rows must lie in [0, {batch}), got {rows.tolist()}")
+            raise ValueError(
+                f"margingate.canonical_forward: rows must lie in [0, {batch}), got {rows.tolist()}"
+            )
         if rows.unique().numel() != rows.numel():
             raise ValueError(f"margingate.canonical_forward: rows must be distinct, got {rows.tolist()}")
         held = past_key_values.get_seq_length()

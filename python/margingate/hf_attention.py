@@ -159,7 +159,9 @@ def _patch_shared_cache(module, key: torch.Tensor, value: torch.Tensor, spec: Ve
     place (the MarginGate repair) and returns the whole shared cache layer to attend over."""
     layer_idx = getattr(module, "layer_idx", None)
     if layer_idx is None:
-        raise ValueError("margingate attention: the attention module has no layer_idx; cannot find its cache layer")
+        raise ValueError(
+            "margingate attention: the attention module has no layer_idx; cannot find its cache layer"
+        )
     layer = spec.cache.layers[layer_idx]
     k_cache, v_cache = layer.keys, layer.values
     rows, positions = spec.rows, spec.positions
