@@ -65,7 +65,9 @@ def make_config(family: str):
     raise ValueError(f"tests.models: unknown family {family!r}, expected one of {FAMILIES}")
 
 
-def build_model(family: str, dtype: torch.dtype = torch.float32, *, seed: int = 0, attn_implementation: str = "sdpa"):
+def build_model(
+    family: str, dtype: torch.dtype = torch.float32, *, seed: int = 0, attn_implementation: str = "sdpa"
+):
     """A tiny random causal LM of ``family`` in ``dtype``, eval mode, deterministic for a seed.
 
     The weights are drawn with a larger std than HF's default (0.02) so that the logits have
@@ -74,7 +76,9 @@ def build_model(family: str, dtype: torch.dtype = torch.float32, *, seed: int = 
     config = make_config(family)
     config.initializer_range = 0.2
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.float32
+    )
     # RMSNorm weights start at 1 (or 0 for Gemma's 1+w); perturb them so the norms are not trivial.
     with torch.no_grad():
         for name, p in model.named_parameters():

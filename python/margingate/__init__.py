@@ -9,6 +9,12 @@ import torch  # noqa: F401  (the extension links against the already-imported to
 from .ops import build_info, kv_patch_, margin
 
 __all__ = ["build_info", "kv_patch_", "margin"]
+
+# Batch-invariant mode and the canonical forward (registers the "margingate" HF attention).
+from .batch_invariant import batch_invariant  # noqa: E402
+from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward  # noqa: E402
+
+__all__ += ["SUPPORTED_MODEL_TYPES", "batch_invariant", "canonical_forward"]
 __version__ = "0.1.0"
 
 # --- generation (MarginGate policies, the HF logits-processor hook)
