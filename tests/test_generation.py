@@ -259,8 +259,8 @@ def _generate_with(model, ids, mask, processors, cache, new_tokens):
             logits_processor=LogitsProcessorList(processors),
             do_sample=False,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             pad_token_id=0,
+            eos_token_id=model.config.vocab_size,  # never generated: every row runs new_tokens steps
         )
 
 

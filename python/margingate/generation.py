@@ -519,8 +519,9 @@ def generate(
         top_p=None,
     )
     if not eos:
-        # Without EOS generate must not stop early: the model's own config may carry one.
-        config.eos_token_id = None
+        # generate fills an unset eos_token_id from the model's generation config; an id past the
+        # vocabulary can never be the argmax, so this is "no EOS" without touching the model.
+        config.eos_token_id = int(model.config.get_text_config().vocab_size)
     size = batch_size or len(encoded)
     device = next(model.parameters()).device
     chunks = [list(range(i, min(i + size, len(encoded)))) for i in range(0, len(encoded), size)]
