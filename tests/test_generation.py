@@ -16,8 +16,8 @@ from transformers import (
     DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
     StaticCache,
+    SuppressTokensLogitsProcessor,
 )
 
 import margingate
@@ -348,13 +348,15 @@ def test_other_processors_follow_and_see_verified_logits():
                 model, cache, policy="always", attention_mask=mask, canonical_prefill=True
             )
             recorder = Recorder()
-            out = _generate_with(
-                model, ids, mask, [proc, RepetitionPenaltyLogitsProcessor(1.5), recorder], cache, 10
-            )
+            # (a processor that reads input_ids, like a repetition penalty, would see the left
+            # padding and differ between batch configurations by itself)
+            suppress = SuppressTokensLogitsProcessor(suppress_tokens=list(range(100, 200)))
+            out = _generate_with(model, ids, mask, [proc, suppress, recorder], cache, 10)
             for r, i in enumerate(chunk):
                 rows[i] = (out[r, ids.shape[1] :].tolist(), [s[r] for s in recorder.seen])
         seen[name] = rows
     for i in range(4):
+        assert not any(100 <= t < 200 for t in seen["alone"][i][0]), "the later processor was bypassed"
         assert seen["alone"][i][0] == seen["b4_shuffled"][i][0]
         for a, b in zip(seen["alone"][i][1], seen["b4_shuffled"][i][1], strict=True):
             assert torch.equal(a, b), "a later processor saw batch-dependent scores"
