@@ -9,4 +9,10 @@ import torch  # noqa: F401  (the extension links against the already-imported to
 from .ops import build_info, kv_patch_, margin
 
 __all__ = ["build_info", "kv_patch_", "margin"]
+
+# Model loading and prompt sets (the cli engineer's part of the API).
+from . import prompt_sets  # noqa: E402
+from .models import load_default_model, load_model  # noqa: E402
+
+__all__ += ["load_default_model", "load_model", "prompt_sets"]
 __version__ = "0.1.0"
