@@ -157,7 +157,7 @@ struct ThreadBuffers {
   explicit ThreadBuffers(const Plan& plan) {
     const int64_t D = plan.args->D, nq = plan.nq_max;
     qf.resize(nq * D);
-    kt.resize(D * kChunk);
+    kt.resize(D * kKtStride);
     p.resize(nq * kChunk);
     m.resize(nq);
     l.resize(nq);

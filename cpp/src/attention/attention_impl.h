@@ -28,6 +28,9 @@ namespace margingate::attention_impl {
 // Keys per chunk: a constant of the contract. Changing it changes results in the last bits.
 constexpr int64_t kChunk = 64;
 constexpr int64_t kMaxHeadDim = 256;
+// Floats per row of the transposed key buffer: one chunk plus 16, so that its rows do not sit 4 KiB
+// apart from the K rows being loaded (false store-to-load aliasing stalls the transposition).
+constexpr int64_t kKtStride = kChunk + 16;
 
 // log2(e): scores are kept in base 2 so each exponential is one exp2.
 constexpr double kLog2e = 1.4426950408889634;
@@ -78,7 +81,7 @@ struct Group {
 
 // Per-thread scratch, sized for one group.
 struct Scratch {
-  float* kt = nullptr;  // [D][kChunk] transposed, fp32 keys of the chunk
+  float* kt = nullptr;  // [D][kKtStride] transposed, fp32 keys of the chunk
   float* p = nullptr;   // [nq][kChunk] scores, then weights
   int* active = nullptr;  // [nq] queries that see the chunk
   int* count = nullptr;   // [nq] their keys in the chunk
