@@ -15,4 +15,10 @@ from .batch_invariant import batch_invariant  # noqa: E402
 from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward  # noqa: E402
 
 __all__ += ["SUPPORTED_MODEL_TYPES", "batch_invariant", "canonical_forward"]
+
+# Model loading and prompt sets (the cli engineer's part of the API).
+from . import prompt_sets  # noqa: E402
+from .models import load_default_model, load_model  # noqa: E402
+
+__all__ += ["load_default_model", "load_model", "prompt_sets"]
 __version__ = "0.1.0"

