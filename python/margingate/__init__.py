@@ -6,9 +6,9 @@ Import torch first (this module does it for you); the native ops are then availa
 
 import torch  # noqa: F401  (the extension links against the already-imported torch)
 
-from .ops import build_info, kv_patch_, linear, margin
+from .ops import attention, build_info, kv_patch_, linear, margin
 
-__all__ = ["build_info", "kv_patch_", "linear", "margin"]
+__all__ = ["attention", "build_info", "kv_patch_", "linear", "margin"]
 
 # Batch-invariant mode and the canonical forward (registers the "margingate" HF attention).
 from .batch_invariant import batch_invariant  # noqa: E402
