@@ -337,3 +337,18 @@ def test_fixed_row_ops_are_invariant_and_accurate(dtype):
         }.get(name, op)(x)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(fixed.float(), reference.float(), rtol=tol, atol=tol, msg=name)
+
+
+def test_logits_to_keep_matches_full_logits():
+    model = model_of("mistral", torch.bfloat16)
+    ids, mask = left_pad(sequences(8, count=4))
+    full = run(model, ids, mask)
+    last = margingate.canonical_forward(model, ids, attention_mask=mask, logits_to_keep=1)
+    assert last.shape[1] == 1 and torch.equal(last, full[:, -1:])
+    cache = DynamicCache()
+    run(model, ids, mask, cache)
+    rows = torch.tensor([1, 3])
+    verified = margingate.canonical_forward(
+        model, ids[rows, -2:], attention_mask=mask, past_key_values=cache, rows=rows, logits_to_keep=1
+    )
+    assert torch.equal(verified, full[rows, -1:])

@@ -106,6 +106,7 @@ def canonical_forward(
     attention_mask: torch.Tensor,
     past_key_values: DynamicCache | None = None,
     rows: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
 ) -> torch.Tensor:
     """Canonical (batch-invariant) logits ``[B or R, n, V]`` for ``input_ids`` ``[B or R, n]``.
 
@@ -119,6 +120,10 @@ def canonical_forward(
     layer the K/V columns (rows R, positions P..P+n-1) are first overwritten in place with
     ``margingate.kv_patch_`` (the MarginGate repair), then attended over the shared cache without
     copying it. Returns the logits of those rows, bitwise equal to their canonical logits alone.
+
+    ``logits_to_keep`` (optional, Hugging Face's meaning): only the logits of the last
+    ``logits_to_keep`` positions are computed and returned (0 = all). A canonical prefill that
+    only needs the last position's logits saves a [B, n, vocab] tensor (vocab 262144 for Gemma 3).
     """
     check_supported(model)
     if input_ids.dim() != 2:
@@ -153,6 +158,7 @@ def canonical_forward(
                 position_ids=position_ids_from_mask(attention_mask, n),
                 past_key_values=past_key_values,
                 use_cache=past_key_values is not None,
+                logits_to_keep=logits_to_keep,
             )
             return out.logits
 
@@ -194,6 +200,7 @@ def canonical_forward(
             position_ids=position_ids_from_mask(row_mask, n),
             past_key_values=None,
             use_cache=False,
+            logits_to_keep=logits_to_keep,
             margingate_verify=spec,
         )
         return out.logits
