@@ -352,3 +352,24 @@ def test_logits_to_keep_matches_full_logits():
         model, ids[rows, -2:], attention_mask=mask, past_key_values=cache, rows=rows, logits_to_keep=1
     )
     assert torch.equal(verified, full[rows, -1:])
+
+
+def test_sdpa_model_inside_the_mode():
+    """An sdpa model raises inside batch_invariant() (instead of batch-dependent logits);
+    batch_invariant(model) switches it to the margingate attention and back."""
+    model = model_of("qwen2", torch.float32)
+    seqs = sequences(9, count=3)
+    ids, mask = left_pad(seqs)
+    positions = position_ids_from_mask(mask, ids.shape[1])
+    with (
+        margingate.batch_invariant(),
+        torch.no_grad(),
+        pytest.raises(RuntimeError, match="not batch-invariant"),
+    ):
+        model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    with margingate.batch_invariant(model), torch.no_grad():
+        assert model.config._attn_implementation == "margingate"
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(batched, run(model, ids, mask))
+    default_forward(model, ids, mask)  # the guard is gone with the mode

@@ -8,11 +8,6 @@ decode and a window of several tokens agree bit for bit).
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import weakref
-from collections.abc import Iterator
-
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -22,49 +17,6 @@ from .batch_invariant import batch_invariant
 # The HF model types whose every layer this module reproduces exactly, proven by
 # tests/test_batch_invariant.py on tiny random models of each family.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
-
-_switch_lock = threading.Lock()
-_switch_depth: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_model_configs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _configs_of(model: torch.nn.Module) -> list:
-    configs = _model_configs.get(model)
-    if configs is None:
-        seen: dict[int, object] = {}
-        for module in model.modules():
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "_attn_implementation_internal"):
-                seen[id(config)] = config
-        configs = list(seen.values())
-        _model_configs[model] = configs
-    return configs
-
-
-@contextlib.contextmanager
-def margingate_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Switches every attention layer of ``model`` to the ``"margingate"`` implementation for the
-    duration (re-entrant, also across threads calling it on the same model; restored when the last
-    caller leaves). A model loaded with ``attn_implementation="margingate"`` is left as it is."""
-    configs = _configs_of(model)
-    with _switch_lock:
-        depth, saved = _switch_depth.get(model, (0, None))
-        if depth == 0:
-            saved = [c._attn_implementation_internal for c in configs]
-            for c in configs:
-                c._attn_implementation_internal = hf_attention.NAME
-        _switch_depth[model] = (depth + 1, saved)
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            depth, saved = _switch_depth[model]
-            if depth == 1:
-                for c, value in zip(configs, saved, strict=True):
-                    c._attn_implementation_internal = value
-                del _switch_depth[model]
-            else:
-                _switch_depth[model] = (depth - 1, saved)
 
 
 def check_supported(model: torch.nn.Module) -> None:
@@ -139,7 +91,7 @@ def canonical_forward(
             f"margingate.canonical_forward: attention_mask has {total} columns, fewer than the {n} new tokens"
         )
 
-    with torch.no_grad(), margingate_attention(model), batch_invariant():
+    with torch.no_grad(), batch_invariant(model):
         if rows is None:
             if input_ids.shape[0] != attention_mask.shape[0]:
                 raise ValueError(
