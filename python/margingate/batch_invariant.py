@@ -61,10 +61,20 @@ def is_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def batch_invariant() -> Iterator[None]:
+def batch_invariant(model: torch.nn.Module | None = None) -> Iterator[None]:
     """Route matmuls, batch-sensitive row reductions and activations through row-invariant
     kernels for the calling thread (see the module docstring). Re-entrant; restores the original
-    kernels when the last thread leaves, also on exceptions."""
+    kernels when the last thread leaves, also on exceptions.
+
+    With ``model`` (a Hugging Face model), its attention layers are switched to the
+    ``"margingate"`` implementation for the duration as well. Without it, a model whose attention
+    is sdpa / flash / flex raises inside the mode rather than give batch-dependent logits."""
+    if model is not None:
+        from .hf_attention import use_margingate_attention
+
+        with use_margingate_attention(model), batch_invariant():
+            yield
+        return
     depth = getattr(_thread_state, "depth", 0)
     if depth == 0:
         _acquire()
@@ -82,6 +92,7 @@ def _acquire() -> None:
     with _registration_lock:
         if _active_threads == 0:
             _library = _register()
+            _install_attention_guard(True)
         _active_threads += 1
 
 
@@ -92,6 +103,18 @@ def _release() -> None:
         if _active_threads == 0 and _library is not None:
             _library._destroy()
             _library = None
+            _install_attention_guard(False)
+
+
+def _install_attention_guard(install: bool) -> None:
+    try:
+        from . import hf_attention
+    except ImportError:  # transformers not installed: no HF attention to guard
+        return
+    if install:
+        hf_attention.install_guard()
+    else:
+        hf_attention.remove_guard()
 
 
 # --------------------------------------------------------------------------- matmuls

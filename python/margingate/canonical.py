@@ -8,11 +8,6 @@ decode and a window of several tokens agree bit for bit).
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import weakref
-from collections.abc import Iterator
-
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -22,49 +17,6 @@ from .batch_invariant import batch_invariant
 # The HF model types whose every layer this module reproduces exactly, proven by
 # tests/test_batch_invariant.py on tiny random models of each family.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
-
-_switch_lock = threading.Lock()
-_switch_depth: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_model_configs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _configs_of(model: torch.nn.Module) -> list:
-    configs = _model_configs.get(model)
-    if configs is None:
-        seen: dict[int, object] = {}
-        for module in model.modules():
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "_attn_implementation_internal"):
-                seen[id(config)] = config
-        configs = list(seen.values())
-        _model_configs[model] = configs
-    return configs
-
-
-@contextlib.contextmanager
-def margingate_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Switches every attention layer of ``model`` to the ``"margingate"`` implementation for the
-    duration (re-entrant, also across threads calling it on the same model; restored when the last
-    caller leaves). A model loaded with ``attn_implementation="margingate"`` is left as it is."""
-    configs = _configs_of(model)
-    with _switch_lock:
-        depth, saved = _switch_depth.get(model, (0, None))
-        if depth == 0:
-            saved = [c._attn_implementation_internal for c in configs]
-            for c in configs:
-                c._attn_implementation_internal = hf_attention.NAME
-        _switch_depth[model] = (depth + 1, saved)
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            depth, saved = _switch_depth[model]
-            if depth == 1:
-                for c, value in zip(configs, saved, strict=True):
-                    c._attn_implementation_internal = value
-                del _switch_depth[model]
-            else:
-                _switch_depth[model] = (depth - 1, saved)
 
 
 def check_supported(model: torch.nn.Module) -> None:
@@ -106,6 +58,7 @@ def canonical_forward(
     attention_mask: torch.Tensor,
     past_key_values: DynamicCache | None = None,
     rows: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
 ) -> torch.Tensor:
     """Canonical (batch-invariant) logits ``[B or R, n, V]`` for ``input_ids`` ``[B or R, n]``.
 
@@ -119,6 +72,10 @@ def canonical_forward(
     layer the K/V columns (rows R, positions P..P+n-1) are first overwritten in place with
     ``margingate.kv_patch_`` (the MarginGate repair), then attended over the shared cache without
     copying it. Returns the logits of those rows, bitwise equal to their canonical logits alone.
+
+    ``logits_to_keep`` (optional, Hugging Face's meaning): only the logits of the last
+    ``logits_to_keep`` positions are computed and returned (0 = all). A canonical prefill that
+    only needs the last position's logits saves a [B, n, vocab] tensor (vocab 262144 for Gemma 3).
     """
     check_supported(model)
     if input_ids.dim() != 2:
@@ -134,7 +91,7 @@ def canonical_forward(
             f"margingate.canonical_forward: attention_mask has {total} columns, fewer than the {n} new tokens"
         )
 
-    with torch.no_grad(), margingate_attention(model), batch_invariant():
+    with torch.no_grad(), batch_invariant(model):
         if rows is None:
             if input_ids.shape[0] != attention_mask.shape[0]:
                 raise ValueError(
@@ -153,6 +110,7 @@ def canonical_forward(
                 position_ids=position_ids_from_mask(attention_mask, n),
                 past_key_values=past_key_values,
                 use_cache=past_key_values is not None,
+                logits_to_keep=logits_to_keep,
             )
             return out.logits
 
@@ -194,6 +152,7 @@ def canonical_forward(
             position_ids=position_ids_from_mask(row_mask, n),
             past_key_values=None,
             use_cache=False,
+            logits_to_keep=logits_to_keep,
             margingate_verify=spec,
         )
         return out.logits

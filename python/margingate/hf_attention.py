@@ -20,6 +20,10 @@ shared batch cache with ``margingate.kv_patch_`` and attends over that cache via
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +183,92 @@ def _patch_shared_cache(module, key: torch.Tensor, value: torch.Tensor, spec: Ve
     # Attend over [0, P + n): the cache may hold more columns than this verify step reads.
     end = int(positions[-1]) + 1
     return k_cache[:, :, :end], v_cache[:, :, :end], rows
+
+
+# --------------------------------------------------------------------------- switching a model
+_switch_lock = threading.Lock()
+_switch_depth: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_model_configs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _configs_of(model: torch.nn.Module) -> list:
+    configs = _model_configs.get(model)
+    if configs is None:
+        seen: dict[int, object] = {}
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation_internal"):
+                seen[id(config)] = config
+        configs = list(seen.values())
+        _model_configs[model] = configs
+    return configs
+
+
+@contextlib.contextmanager
+def use_margingate_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Switches every attention layer of ``model`` to the ``"margingate"`` implementation for the
+    duration (re-entrant, also across threads calling it on the same model; restored when the last
+    caller leaves). A model loaded with ``attn_implementation="margingate"`` is left as it is."""
+    configs = _configs_of(model)
+    with _switch_lock:
+        depth, saved = _switch_depth.get(model, (0, None))
+        if depth == 0:
+            saved = [c._attn_implementation_internal for c in configs]
+            for c in configs:
+                c._attn_implementation_internal = NAME
+        _switch_depth[model] = (depth + 1, saved)
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            depth, saved = _switch_depth[model]
+            if depth == 1:
+                for c, value in zip(configs, saved, strict=True):
+                    c._attn_implementation_internal = value
+                del _switch_depth[model]
+            else:
+                _switch_depth[model] = (depth - 1, saved)
+
+
+# --------------------------------------------------------------------------- the guard
+# Attention implementations that are not batch-invariant and that a model can be switched away
+# from. While batch_invariant() is registered they raise in the threads inside the mode instead
+# of silently giving batch-dependent logits. ("eager" is each model's own function, not in the
+# global mapping, so it cannot be guarded here.)
+_GUARDED = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+_unguarded: dict[str, object] = {}
+
+
+def _guarded(name: str, function):
+    def guarded(module, *args, **kwargs):
+        from .batch_invariant import is_enabled
+
+        if is_enabled():
+            raise RuntimeError(
+                f"margingate.batch_invariant: this model runs attn_implementation={name!r}, which is not "
+                "batch-invariant; use `with margingate.batch_invariant(model):` (switches the model to the "
+                "'margingate' attention), margingate.canonical_forward, or load it with "
+                "attn_implementation='margingate'"
+            )
+        return function(module, *args, **kwargs)
+
+    return guarded
+
+
+def install_guard() -> None:
+    """Called by batch_invariant() when it registers its kernels."""
+    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
+    for name in _GUARDED:
+        if name in mapping and name not in _unguarded:
+            _unguarded[name] = mapping[name]
+            mapping[name] = _guarded(name, mapping[name])
+
+
+def remove_guard() -> None:
+    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
+    for name, function in _unguarded.items():
+        mapping[name] = function
+    _unguarded.clear()
 
 
 def register() -> None:
