@@ -66,9 +66,8 @@ def canonical_mode(model: torch.nn.Module) -> Iterator[None]:
     """The mode of the canonical forward for ``model``: batch-invariant kernels plus the
     ``"margingate"`` attention implementation (what ``canonical_forward`` runs under)."""
     from .batch_invariant import batch_invariant
-    from .canonical import margingate_attention
 
-    with margingate_attention(model), batch_invariant():
+    with batch_invariant(model):
         yield
 
 
