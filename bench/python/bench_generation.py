@@ -41,13 +41,14 @@ from margingate.generation import default_threshold  # noqa: E402
 COUNTERFACTUAL_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 
-def load_prompts(count: int) -> list[str]:
-    """``count`` prompts, interleaving the math, code and chat sets (so any prefix mixes all three)."""
+def load_prompts(count: int, offset: int = 0) -> list[str]:
+    """``count`` prompts from ``offset`` on, interleaving the math, code and chat sets (so any
+    range mixes all three)."""
     sets = [margingate.prompt_sets.load(name) for name in ("math", "code", "chat")]
     mixed = [p for group in zip(*sets, strict=False) for p in group]
-    if count > len(mixed):
-        raise SystemExit(f"bench_generation: only {len(mixed)} built-in prompts, asked for {count}")
-    return mixed[:count]
+    if offset + count > len(mixed):
+        raise SystemExit(f"bench_generation: only {len(mixed)} built-in prompts, asked for {offset}+{count}")
+    return mixed[offset : offset + count]
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -66,12 +67,28 @@ def main() -> None:
         "--threshold", type=float, default=None, help="margin threshold (default: calibrated)"
     )
     parser.add_argument("--json", default=None, help="checkpoint every sequence, statistic and time here")
-    parser.add_argument("--report", default=None, help="only print the report of a (partial) --json file")
+    parser.add_argument("--prompt-offset", type=int, default=0, help="skip this many prompts of the mix")
+    parser.add_argument(
+        "--report", nargs="+", default=None, help="only report (partial) --json files, concatenated"
+    )
     args = parser.parse_args()
     if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        runs = {p: {int(bs): r for bs, r in by_bs.items()} for p, by_bs in saved["runs"].items()}
-        report(saved["config"], runs)
+        config, runs = None, None
+        for path in args.report:  # runs over disjoint prompt ranges, each timed in its own run
+            saved = json.loads(Path(path).read_text())
+            part = {p: {int(bs): r for bs, r in by_bs.items()} for p, by_bs in saved["runs"].items()}
+            if config is None:
+                config, runs = saved["config"], part
+                continue
+            config["prompts"] += saved["config"]["prompts"]
+            for p, by_bs in part.items():
+                for bs, r in by_bs.items():
+                    mine = runs[p][bs]
+                    for key in ("sequences", "rows", "margins"):
+                        mine[key] += r[key]
+                    mine["wall"] += r["wall"]
+                    mine["cpu"] += r["cpu"]
+        report(config, runs)
         return
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     policies = args.policies.split(",")
@@ -81,7 +98,7 @@ def main() -> None:
     t_load = time.perf_counter()
     model, tokenizer = margingate.load_default_model(torch.bfloat16, progress=False)
     threshold = default_threshold(model) if args.threshold is None else args.threshold
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts, args.prompt_offset)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     n = len(prompts)
     config = {
@@ -89,6 +106,7 @@ def main() -> None:
         "dtype": "bfloat16",
         "threads": torch.get_num_threads(),
         "prompts": n,
+        "prompt_offset": args.prompt_offset,
         "prompt_tokens": [len(e) for e in encoded],
         "new_tokens": args.new_tokens,
         "batch_sizes": batch_sizes,

@@ -9,7 +9,10 @@ holds for that position no longer depend on the batch the row happened to be in.
 
 Why a low margin is the only place a batch can change a token: the fast path's logits differ
 between batch shapes by a few ulps of bf16 accumulation, so only a step whose top-2 are closer
-than that can flip. Above the threshold the fast token equals the canonical token.
+than that can flip. The threshold is calibrated to sit well above that noise
+(``CALIBRATED_THRESHOLDS``); it is an empirical bound, not a proof: the verifier reads the K/V of
+earlier, unverified positions, which the fast path computed. ``always`` (every position verified,
+canonical prefill) and ``invariant`` are exact.
 
 Policies (``POLICIES``):
 
