@@ -152,6 +152,7 @@ def test_statistics_add_up(family):
             assert 0 <= s["repairs"] <= s["verified"] <= s["steps"]
             assert s["trigger_rate"] == s["verified"] / s["steps"]
             assert len(s["repair_margins"]) == s["repairs"]
+            assert s["verified"] <= s["replayed_positions"]
             for p in rows:
                 assert p["repairs"] <= p["verified"] <= p["steps"]
                 assert len(p["repair_margins"]) == len(p["repair_steps"]) == p["repairs"]
@@ -194,45 +195,48 @@ class ReplayProcessor(LogitsProcessor):
     """Replays a recorded run: applies the recorded verifications by hand, one row at a time, and
     forces the recorded tokens.
 
-    "By hand": each row's K/V column is recomputed by a canonical forward of that row ALONE over a
-    batch-1 copy of its cached prefix (no ``rows=``), then written with ``kv_patch_``; the batched
-    verifier must produce exactly this and touch nothing else.
+    "By hand": each row's window of K/V columns (from the recorded window start to the current
+    position) is recomputed by a canonical forward of that row ALONE over a batch-1 copy of its
+    cached prefix (no ``rows=``), then written with ``kv_patch_``; the batched verifier must
+    produce exactly this and touch nothing else.
     """
 
-    def __init__(self, model, cache, mask, verified_rows, tokens):
+    def __init__(self, model, cache, mask, verified_rows, starts, tokens):
         self.model, self.cache, self.mask = model, cache, mask
-        self.verified_rows, self.tokens = verified_rows, tokens
+        self.verified_rows, self.starts, self.tokens = verified_rows, starts, tokens
         self.step = 0
         self.verified_logits: dict[tuple[int, int], torch.Tensor] = {}
 
     def __call__(self, input_ids, scores):
         length = input_ids.shape[1]
         mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], length - self.mask.shape[1])], 1)
+        start = self.starts[self.step]
         for row in reversed(self.verified_rows[self.step]):
             alone = DynamicCache()
             for i, layer in enumerate(self.cache.layers):
                 alone.update(
-                    layer.keys[row : row + 1, :, : length - 1].clone(),
-                    layer.values[row : row + 1, :, : length - 1].clone(),
+                    layer.keys[row : row + 1, :, :start].clone(),
+                    layer.values[row : row + 1, :, :start].clone(),
                     i,
                 )
             logits = margingate.canonical_forward(
                 self.model,
-                input_ids[row : row + 1, -1:],
+                input_ids[row : row + 1, start:],
                 attention_mask=mask[row : row + 1],
                 past_key_values=alone,
             )
             self.verified_logits[(self.step, row)] = logits[0, -1].float()
+            n = length - start
             for shared, own in zip(self.cache.layers, alone.layers, strict=True):
-                position = torch.tensor([length - 1])
-                margingate.kv_patch_(
-                    shared.keys,
-                    shared.values,
-                    torch.tensor([row]),
-                    position,
-                    own.keys[:, :, -1],
-                    own.values[:, :, -1],
-                )
+                for j in range(n):
+                    margingate.kv_patch_(
+                        shared.keys,
+                        shared.values,
+                        torch.tensor([row]),
+                        torch.tensor([start + j]),
+                        own.keys[:, :, start + j],
+                        own.values[:, :, start + j],
+                    )
         forced = torch.full_like(scores, -torch.inf)
         forced[torch.arange(scores.shape[0]), self.tokens[:, self.step]] = 0.0
         self.step += 1
@@ -288,10 +292,15 @@ def test_cache_equals_hand_applied_repairs(family, policy, canonical_prefill):
     assert sum(len(r) for r in proc.verified_rows) == proc.stats()["verified"] > 0
     if not canonical_prefill:
         assert proc.verified_rows[0] == list(range(len(prompts))), "the first token must be verified too"
+        assert proc.verify_starts[0] == ids.shape[1] - 1
+    if policy == "margin":
+        assert any(
+            start is not None and start < ids.shape[1] + s - 1 for s, start in enumerate(proc.verify_starts)
+        ), "no window longer than one position was replayed: the test would not cover windows"
 
     # Replay: same fast forwards (same batch), the verifications applied by hand.
     replay_cache = DynamicCache()
-    replay = ReplayProcessor(model, replay_cache, mask, proc.verified_rows, tokens)
+    replay = ReplayProcessor(model, replay_cache, mask, proc.verified_rows, proc.verify_starts, tokens)
     hooks = MarginGateProcessor(model, replay_cache, policy="off", canonical_prefill=canonical_prefill)
     replayed = _generate_with(model, ids, mask, [replay], replay_cache, new_tokens)
     hooks.remove_hooks()

@@ -216,6 +216,9 @@ class MarginGateProcessor(LogitsProcessor):
         self.repairs: torch.Tensor | None = None
         self.repair_events: list[tuple[int, int, float]] = []  # (row, step, fast margin)
         self.verified_rows: list[list[int]] = []  # per step: the rows the verifier re-ran
+        self.verify_starts: list[int | None] = []  # per step: first position of the replayed window
+        self.replayed: torch.Tensor | None = None  # [B] int64: positions recomputed canonically
+        self._canonical_upto: torch.Tensor | None = None  # [B]: positions < this are canonical K/V
         self.margins: list[torch.Tensor] = []  # per step [B] fp32, NaN for finished rows
 
         self._hooks: list[Any] = []
@@ -293,6 +296,10 @@ class MarginGateProcessor(LogitsProcessor):
         self.steps = torch.zeros(batch, dtype=torch.long)
         self.verified = torch.zeros(batch, dtype=torch.long)
         self.repairs = torch.zeros(batch, dtype=torch.long)
+        self.replayed = torch.zeros(batch, dtype=torch.long)
+        # A canonical prefill made every prompt position canonical; otherwise the prompt stays as
+        # the fast path wrote it and only the last prompt position is re-run at the first step.
+        self._canonical_upto = torch.full((batch,), length if self.prefill_was_canonical else length - 1)
         self._check_caller()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -324,6 +331,7 @@ class MarginGateProcessor(LogitsProcessor):
         self.steps += active.long()
 
         self.verified_rows.append([])
+        self.verify_starts.append(None)
         gate = self.policy in ("margin", "always") and not (step == 0 and self.prefill_was_canonical)
         if not gate and not self.record_margins:
             return scores
@@ -340,10 +348,18 @@ class MarginGateProcessor(LogitsProcessor):
             return scores
         from . import canonical_forward
 
+        # The verifier replays each flagged row from its first non-canonical position (the one
+        # after its previous verification) to the current one. Re-running only the current position
+        # would attend over K/V that the fast path wrote since then, which differ by a few ulps
+        # between batches and can flip a near-tie of the verified logits; after the replay the row's
+        # whole cache, and so its verified logits, are canonical: a function of its tokens alone.
+        # One window length serves all flagged rows (re-running a canonical position reproduces it
+        # bit for bit, the canonical forward being Tq-invariant).
+        start = min(int(self._canonical_upto[rows].min()), length - 1)
         rows_dev = rows.to(input_ids.device)
         verified_logits = canonical_forward(
             self.model,
-            input_ids.index_select(0, rows_dev)[:, -1:],
+            input_ids.index_select(0, rows_dev)[:, start:],
             attention_mask=self._mask,
             past_key_values=self.cache,
             rows=rows_dev,
@@ -351,7 +367,10 @@ class MarginGateProcessor(LogitsProcessor):
         verified = verified_logits[:, -1].to(dtype=scores.dtype, device=scores.device)
         changed = (verified.argmax(dim=-1) != top1.index_select(0, rows_dev)).cpu()
         self.verified[rows] += 1
+        self.replayed[rows] += length - start
+        self._canonical_upto[rows] = length
         self.verified_rows[-1] = rows.tolist()
+        self.verify_starts[-1] = start
         self.repairs[rows[changed]] += 1
         for row in rows[changed].tolist():
             self.repair_events.append((row, step, float(fast_margin[row])))
@@ -370,6 +389,7 @@ class MarginGateProcessor(LogitsProcessor):
                     "steps": int(self.steps[r]),
                     "verified": int(self.verified[r]),
                     "repairs": int(self.repairs[r]),
+                    "replayed_positions": int(self.replayed[r]),
                     "repair_steps": [s for (row, s, _) in self.repair_events if row == r],
                     "repair_margins": [m for (row, _, m) in self.repair_events if row == r],
                 }
@@ -383,6 +403,7 @@ def _stats_from_rows(
     steps = sum(r["steps"] for r in rows)
     verified = sum(r["verified"] for r in rows)
     repairs = sum(r["repairs"] for r in rows)
+    replayed = sum(r["replayed_positions"] for r in rows)
     for r in rows:
         r["trigger_rate"] = r["verified"] / r["steps"] if r["steps"] else 0.0
     return {
@@ -391,6 +412,7 @@ def _stats_from_rows(
         "steps": steps,
         "verified": verified,
         "repairs": repairs,
+        "replayed_positions": replayed,
         "trigger_rate": verified / steps if steps else 0.0,
         "repair_margins": [m for r in rows for m in r["repair_margins"]],
         "per_row": rows,
