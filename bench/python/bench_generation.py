@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import print_table  # noqa: E402
+from harness import measure, print_table  # noqa: E402
 
 import margingate  # noqa: E402
 from margingate.generation import default_threshold  # noqa: E402
@@ -69,6 +69,11 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="checkpoint every sequence, statistic and time here")
     parser.add_argument("--prompt-offset", type=int, default=0, help="skip this many prompts of the mix")
     parser.add_argument(
+        "--components",
+        action="store_true",
+        help="instead: time one fast decode step and the verifier calls (medians, interleaved)",
+    )
+    parser.add_argument(
         "--report", nargs="+", default=None, help="only report (partial) --json files, concatenated"
     )
     args = parser.parse_args()
@@ -97,6 +102,10 @@ def main() -> None:
 
     t_load = time.perf_counter()
     model, tokenizer = margingate.load_default_model(torch.bfloat16, progress=False)
+    if args.components:
+        prompts = load_prompts(max(batch_sizes), args.prompt_offset)
+        components(model, [tokenizer(p)["input_ids"] for p in prompts], batch_sizes)
+        return
     threshold = default_threshold(model) if args.threshold is None else args.threshold
     prompts = load_prompts(args.prompts, args.prompt_offset)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
@@ -163,6 +172,62 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps({"config": config, "runs": runs}))
     report(config, runs)
+
+
+def _component_times(model, batch: list[list[int]]) -> dict[str, float]:
+    from transformers import DynamicCache
+
+    bs = len(batch)
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    cache = DynamicCache()
+    with torch.inference_mode():
+        margingate.canonical_forward(model, ids, attention_mask=mask, past_key_values=cache)
+        token = ids[:, -1:]
+        seq = torch.cat([ids, token], 1)
+        mask1 = torch.cat([mask, torch.ones(bs, 1, dtype=mask.dtype)], 1)
+        position = (mask1.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        model(input_ids=token, attention_mask=mask1, position_ids=position, past_key_values=cache)
+        mask2 = torch.cat([mask1, torch.ones(bs, 1, dtype=mask.dtype)], 1)
+
+        def fast():
+            model(input_ids=token, attention_mask=mask2, position_ids=position + 1, past_key_values=cache)
+            cache.crop(-1)  # rewind: every call sees the same cache
+
+        all_rows = torch.arange(bs)
+        one = torch.tensor([0])
+        fns = {
+            "fast_step": fast,
+            "verify_all_rows": lambda: margingate.canonical_forward(
+                model, seq[:, -1:], attention_mask=mask1, past_key_values=cache, rows=all_rows
+            ),
+            "verify_1_row": lambda: margingate.canonical_forward(
+                model, seq[:1, -1:], attention_mask=mask1, past_key_values=cache, rows=one
+            ),
+            "verify_1_row_window8": lambda: margingate.canonical_forward(
+                model, seq[:1, -8:], attention_mask=mask1, past_key_values=cache, rows=one
+            ),
+        }
+        t = measure(fns, repeats=5, min_time_s=0.05, warmup=1)
+    return t
+
+
+def components(model, encoded: list[list[int]], batch_sizes: list[int]) -> None:
+    """Medians of the pieces a decode step is made of, timed interleaved on one cache: the fast
+    decode step of the whole batch (what ``off`` pays per step), the verifier of all rows at the
+    current position (what ``always`` adds per step), and the verifier of one row for a window of
+    1 and 8 positions (what ``margin`` adds per flagged row)."""
+    table = []
+    for bs in batch_sizes:
+        t = _component_times(model, encoded[:bs])
+        row = {"batch": bs, **{f"{k}_ms": 1e3 * v for k, v in t.items()}}
+        row["all/fast"] = t["verify_all_rows"] / t["fast_step"]
+        row["all/1row"] = t["verify_all_rows"] / t["verify_1_row"]
+        table.append(row)
+        print_table([row])
+    print("\n## decode-step components (medians, interleaved, same cache)")
+    print_table(table)
 
 
 def report(config: dict, runs: dict) -> None:
