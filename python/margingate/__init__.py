@@ -6,9 +6,15 @@ Import torch first (this module does it for you); the native ops are then availa
 
 import torch  # noqa: F401  (the extension links against the already-imported torch)
 
-from .ops import build_info, kv_patch_, margin
+from .ops import attention, build_info, kv_patch_, linear, margin
 
-__all__ = ["build_info", "kv_patch_", "margin"]
+__all__ = ["attention", "build_info", "kv_patch_", "linear", "margin"]
+
+# Batch-invariant mode and the canonical forward (registers the "margingate" HF attention).
+from .batch_invariant import batch_invariant  # noqa: E402
+from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward  # noqa: E402
+
+__all__ += ["SUPPORTED_MODEL_TYPES", "batch_invariant", "canonical_forward"]
 
 # Model loading and prompt sets (the cli engineer's part of the API).
 from . import prompt_sets  # noqa: E402
@@ -16,3 +22,8 @@ from .models import load_default_model, load_model  # noqa: E402
 
 __all__ += ["load_default_model", "load_model", "prompt_sets"]
 __version__ = "0.1.0"
+
+# --- generation (MarginGate policies, the HF logits-processor hook)
+from .generation import POLICIES, GenerationResult, MarginGateProcessor, generate  # noqa: E402
+
+__all__ += ["POLICIES", "GenerationResult", "MarginGateProcessor", "generate"]

@@ -81,3 +81,92 @@ def kv_patch_(
 @torch.library.register_fake("margingate::kv_patch_")
 def _kv_patch_fake(k_cache, v_cache, rows, positions, k_new, v_new):
     return None
+
+
+# --------------------------------------------------------------------------- linear
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with a fixed K-reduction order: every output row is batch-invariant.
+
+    ``x`` is ``[..., K]``, ``weight`` ``[N, K]`` (the ``nn.Linear`` layout), ``bias`` ``[N]`` or
+    None, all of one dtype (bf16, fp16 or fp32), any strides; the result is ``[..., N]`` in x's
+    dtype, accumulated in fp32. Row ``i`` of the result is bit-identical to computing that row
+    alone, for any number of rows, any position and any strides (the reduction order of each
+    element is fixed per SIMD level; see ``cpp/src/linear/linear.cpp``). A bf16 weight is read as
+    bf16 (never copied to fp32); a weight whose rows are not contiguous along K is first packed
+    to a dense ``[N, K]`` copy of its own dtype.
+
+    How the batch-invariant mode routes aten's matmuls through it (``w.t()`` is a free view):
+
+    - ``linear(x, w, b)``           -> ``linear(x, w, b)``
+    - ``mm(a[M, K], b[K, N])``      -> ``linear(a, b.t())``
+    - ``addmm(c, a, b, beta=1, alpha=1)`` with ``c`` a bias ``[N]`` (or broadcast to it)
+                                    -> ``linear(a, b.t(), c)``; other ``c``/``beta``/``alpha``:
+                                       ``beta * c + alpha * linear(a, b.t())`` (elementwise, so
+                                       still row-invariant)
+    - ``matmul(a[..., K], b[K, N])`` (2-D ``b``) -> ``linear(a, b.t())``
+    - ``bmm(a[B, M, K], b[B, K, N])`` and ``matmul`` with a batched ``b``
+                                    -> ``torch.stack([linear(a[i], b[i].t()) for i in range(B)])``
+                                       (one call per batch entry; each is row-invariant)
+    """
+    return torch.ops.margingate.linear.default(x, weight, bias)
+
+
+@torch.library.register_fake("margingate::linear")
+def _linear_fake(x, weight, bias=None):
+    torch._check(x.dim() >= 1, lambda: "margingate.linear: x must have at least 1 dimension")
+    torch._check(weight.dim() == 2, lambda: "margingate.linear: weight must be 2-D [N, K]")
+    torch._check(
+        weight.shape[1] == x.shape[-1], lambda: "margingate.linear: weight must be [N, K] with K = x.size(-1)"
+    )
+    torch._check(weight.dtype == x.dtype, lambda: "margingate.linear: weight must have x's dtype")
+    torch._check(
+        weight.device == x.device, lambda: "margingate.linear: x and weight must be on the same device"
+    )
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: "margingate.linear: bias must be 1-D [N]",
+        )
+        torch._check(bias.dtype == x.dtype, lambda: "margingate.linear: bias must have x's dtype")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# --------------------------------------------------------------------------- attention
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor | None = None,
+    kv_rows: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Batch- and query-invariant GQA attention (Hugging Face layout, any strides).
+
+    ``q`` is ``[B, Hq, Tq, D]``, ``k``/``v`` are ``[Bkv, Hkv, Tk, D]`` (bf16/fp16/fp32, one dtype,
+    ``Hq % Hkv == 0``, ``D <= 256``). The queries are the last ``Tq`` positions: query ``j`` sits at
+    ``p = Tk - Tq + j`` and sees keys ``t`` with ``kv_start[b] <= t`` (left padding), ``t <= p``
+    when ``causal`` and ``p - window < t`` with a sliding ``window`` (which requires ``causal``).
+    ``kv_rows[b]`` names the k/v row that query row ``b`` reads (default: row ``b``, then
+    ``Bkv == B``). ``scale`` defaults to ``1/sqrt(D)``. Returns a contiguous ``[B, Hq, Tq, D]``
+    tensor in q's dtype; a query that sees no key gets zeros.
+
+    Each output is bit-identical whatever the batch, the padding amount, the cache capacity, the
+    kv_rows indirection and Tq (a decode step equals the same query inside a prefill).
+    """
+    return torch.ops.margingate.attention.default(
+        q, k, v, kv_start, kv_rows, causal=causal, scale=scale, window=window
+    )
+
+
+@torch.library.register_fake("margingate::attention")
+def _attention_fake(q, k, v, kv_start=None, kv_rows=None, *, causal=True, scale=None, window=None):
+    torch._check(q.dim() == 4, lambda: "margingate.attention: q must be 4-D [batch, heads, seq, head_dim]")
+    torch._check(k.dim() == 4 and v.dim() == 4, lambda: "margingate.attention: k and v must be 4-D")
+    torch._check(
+        k.dtype == q.dtype and v.dtype == q.dtype, lambda: "margingate.attention: q, k, v dtypes differ"
+    )
+    torch._check(k.shape[3] == q.shape[3], lambda: "margingate.attention: q and k head_dim differ")
+    return q.new_empty(q.shape)

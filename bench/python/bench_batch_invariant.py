@@ -1,0 +1,213 @@
+"""Batch-invariant mode vs the default path on the real Gemma 3 270M (bf16, CPU), side by side.
+
+    PYTHONPATH=python:. python bench/python/bench_batch_invariant.py            # timings
+    PYTHONPATH=python:. python bench/python/bench_batch_invariant.py --row-ops  # the measurement
+                                                                               # behind the mode
+
+Timings: a prefill of ``--prompt`` tokens (batch 1, every position's logits, as a canonical
+prefill computes them), then one decode step at batch 1, 8 and 32 over that cached context.
+``default`` is ``model(...)`` (sdpa, MKL/oneDNN), ``invariant`` is ``margingate.canonical_forward``
+(batch_invariant() + the "margingate" attention). Both are timed interleaved in one run with
+``bench.python.harness.measure``; the ratio invariant / default is what to compare (the machine is
+shared: absolute times move between runs).
+
+``--row-ops``: which row-wise aten ops give a row different bits alone than inside a batch (or a
+transposed head view) with the default kernels on this machine, and whether the mode fixes it.
+This is the measurement that decides which ops ``batch_invariant()`` re-routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import margingate
+from bench.python.harness import measure, print_table
+from margingate.canonical import position_ids_from_mask
+
+
+def _default_step(model, ids, mask, cache):
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask, ids.shape[1]),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits
+
+
+def _rewind(cache: DynamicCache, length: int) -> None:
+    """Drops the decode step's column again so every timed call sees the same context."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _expand_cache(cache: DynamicCache, batch: int) -> DynamicCache:
+    """A batch-``batch`` cache holding the batch-1 prompt in every row (fresh tensors)."""
+    expanded = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        expanded.update(
+            layer.keys.expand(batch, -1, -1, -1).contiguous(),
+            layer.values.expand(batch, -1, -1, -1).contiguous(),
+            i,
+        )
+    return expanded
+
+
+def bench_model(args) -> None:
+    model, _ = margingate.load_default_model(dtype=torch.bfloat16, progress=False)
+    model.eval()
+    torch.manual_seed(0)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(10, vocab, (1, args.prompt))
+    prompt_mask = torch.ones_like(prompt)
+    rows = []
+
+    with torch.no_grad():
+
+        def prefill_default():
+            return _default_step(model, prompt, prompt_mask, DynamicCache())
+
+        def prefill_invariant():
+            return margingate.canonical_forward(
+                model, prompt, attention_mask=prompt_mask, past_key_values=DynamicCache()
+            )
+
+        t = measure(
+            {"default": prefill_default, "invariant": prefill_invariant},
+            repeats=args.repeats,
+            min_time_s=0.0,
+            warmup=1,
+        )
+        rows.append(_row("prefill", 1, args.prompt, t))
+
+        base = DynamicCache()
+        _default_step(model, prompt, prompt_mask, base)
+        for batch in args.batches:
+            caches = {"default": _expand_cache(base, batch), "invariant": _expand_cache(base, batch)}
+            token = torch.randint(10, vocab, (batch, 1))
+            mask = torch.ones((batch, args.prompt + 1), dtype=torch.long)
+
+            def decode_default(cache=caches["default"], token=token, mask=mask):
+                _rewind(cache, args.prompt)
+                return _default_step(model, token, mask, cache)
+
+            def decode_invariant(cache=caches["invariant"], token=token, mask=mask):
+                _rewind(cache, args.prompt)
+                return margingate.canonical_forward(model, token, attention_mask=mask, past_key_values=cache)
+
+            t = measure(
+                {"default": decode_default, "invariant": decode_invariant},
+                repeats=args.repeats,
+                min_time_s=0.2,
+                warmup=2,
+            )
+            rows.append(_row("decode", batch, args.prompt, t))
+
+    print(
+        f"Gemma 3 270M bf16, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, simd {margingate.build_info().get('simd')}"
+    )
+    print_table(rows, ["phase", "batch", "context", "default_ms", "invariant_ms", "ratio"])
+
+
+def _row(phase: str, batch: int, context: int, t: dict[str, float]) -> dict[str, object]:
+    return {
+        "phase": phase,
+        "batch": batch,
+        "context": context,
+        "default_ms": t["default"] * 1e3,
+        "invariant_ms": t["invariant"] * 1e3,
+        "ratio": t["invariant"] / t["default"],
+    }
+
+
+# --------------------------------------------------------------------------- the measurement
+ROW_OPS = {
+    "mm": lambda x, w: x @ w.T,
+    "rmsnorm_mean": lambda x, w: x.float().pow(2).mean(-1, keepdim=True),
+    "sum": lambda x, w: x.sum(-1, keepdim=True),
+    "softmax": lambda x, w: torch.softmax(x, -1),
+    "log_softmax": lambda x, w: torch.log_softmax(x, -1),
+    "gelu_tanh": lambda x, w: F.gelu(x, approximate="tanh"),
+    "silu": lambda x, w: F.silu(x),
+    "exp": lambda x, w: x.exp(),
+    "tanh": lambda x, w: x.tanh(),
+}
+# Row layouts: (batch, tokens); a transposed [B, H, T, D/H] head view is tried as well.
+SHAPES = [(2, 1), (3, 1), (8, 1), (32, 1), (1, 7), (5, 9), (9, 33)]
+
+
+def _varies(op, dim: int, dtype: torch.dtype) -> list[str]:
+    w = torch.randn(64, dim, dtype=dtype)
+    where = []
+    for batch, tokens in SHAPES:
+        if batch * tokens * dim > 3e7:
+            continue
+        x = torch.randn(batch, tokens, dim, dtype=dtype) * 3
+        b, t = batch - 1, tokens - 1
+        if not torch.equal(op(x[b : b + 1, t : t + 1].clone(), w), op(x, w)[b : b + 1, t : t + 1]):
+            where.append(f"{batch}x{tokens}")
+        if dim % 4 == 0 and op is not ROW_OPS["mm"]:
+            view = x.view(batch, tokens, 4, dim // 4).transpose(1, 2)
+            if not torch.equal(
+                op(view[b : b + 1, :1, t : t + 1].clone(), w), op(view, w)[b : b + 1, :1, t : t + 1]
+            ):
+                where.append(f"{batch}x{tokens}/heads")
+    return where
+
+
+def measure_row_ops(args) -> None:
+    torch.manual_seed(0)
+    rows = []
+    for name, op in ROW_OPS.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for dim in args.dims:
+                if name == "mm" and dim > 4096:
+                    continue
+                off = _varies(op, dim, dtype)
+                with margingate.batch_invariant():
+                    on = _varies(op, dim, dtype)
+                if off or on:
+                    rows.append(
+                        {
+                            "op": name,
+                            "dtype": str(dtype).removeprefix("torch."),
+                            "row": dim,
+                            "default varies at": " ".join(off) or "-",
+                            "mode varies at": " ".join(on) or "-",
+                        }
+                    )
+    print(f"row-wise ops whose result for one row depends on the batch ({torch.get_num_threads()} threads):")
+    print("(ops / sizes not listed were bit-identical in every layout tried)")
+    print_table(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--row-ops", action="store_true", help="run the row-op measurement instead")
+    parser.add_argument(
+        "--dims",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[16, 64, 100, 640, 1000, 2048, 262144],
+    )
+    args = parser.parse_args()
+    if args.row_ops:
+        measure_row_ops(args)
+    else:
+        bench_model(args)
+
+
+if __name__ == "__main__":
+    main()

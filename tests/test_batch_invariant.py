@@ -1,0 +1,375 @@
+"""Batch-invariant mode, the "margingate" HF attention and canonical_forward, on every family.
+
+Invariance is tested with bitwise equality; accuracy against a float64 forward of the same weights,
+judged against the default (vendor) path's own error at the same precision. The same invariance
+checks with the mode off must find differences somewhere (test_mode_off_shows_differences prints
+them), so these tests prove something.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.models import FAMILIES, build_model
+from transformers import DynamicCache
+
+import margingate
+from margingate.canonical import position_ids_from_mask
+
+DTYPES = [torch.float32, torch.bfloat16]
+CASES = [(f, d) for f in FAMILIES for d in DTYPES]
+CASE_IDS = [f"{f}-{str(d).removeprefix('torch.')}" for f, d in CASES]
+VOCAB = 384
+PAD = 0
+# margingate.batch_invariant is the context manager; the module behind it:
+bi_module = importlib.import_module("margingate.batch_invariant")
+
+
+@functools.cache
+def model_of(family: str, dtype: torch.dtype):
+    return build_model(family, dtype)
+
+
+@functools.cache
+def sequences(seed: int, count: int = 9, max_len: int = 12) -> tuple[tuple[int, ...], ...]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (count,), generator=g)
+    return tuple(tuple(torch.randint(3, VOCAB, (int(n),), generator=g).tolist()) for n in lengths)
+
+
+def left_pad(seqs) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def default_forward(model, ids, mask, cache=None):
+    """The vendor path with the same positions convention as canonical_forward."""
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask, ids.shape[1]),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+    return out.logits
+
+
+def run(model, ids, mask, cache=None, *, canonical=True):
+    if canonical:
+        return margingate.canonical_forward(model, ids, attention_mask=mask, past_key_values=cache)
+    return default_forward(model, ids, mask, cache)
+
+
+# --------------------------------------------------------------------------- invariance checks
+def batch_mismatches(model, seqs, order, *, canonical=True) -> float:
+    """Max |difference| between each sequence's logits alone and inside the left-padded batch
+    ``[seqs[i] for i in order]`` (0.0 = bit-identical)."""
+    ids, mask = left_pad([seqs[i] for i in order])
+    batched = run(model, ids, mask, canonical=canonical)
+    worst = 0.0
+    for row, i in enumerate(order):
+        n = len(seqs[i])
+        alone = run(model, *left_pad([seqs[i]]), canonical=canonical)[0]
+        mine = batched[row, -n:]
+        if not torch.equal(alone, mine):
+            worst = max(worst, float((alone.float() - mine.float()).abs().max()) or float("inf"))
+    return worst
+
+
+def query_mismatches(model, seqs, *, canonical=True) -> dict[str, float]:
+    """Full prefill vs prefix prefill + token-by-token decode vs prefix + windows, on a padded
+    batch; max |difference| over the real positions for each way."""
+    ids, mask = left_pad(seqs)
+    total = ids.shape[1]
+    full = run(model, ids, mask, canonical=canonical)
+    prefix = total // 2
+
+    def stepwise(splits):
+        cache = DynamicCache()
+        parts = []
+        start = 0
+        for end in splits:
+            parts.append(run(model, ids[:, start:end], mask[:, :end], cache, canonical=canonical))
+            start = end
+        return torch.cat(parts, dim=1)
+
+    ways = {
+        "decode": stepwise([prefix, *range(prefix + 1, total + 1)]),
+        "window": stepwise(
+            [prefix, min(prefix + 4, total), total] if prefix + 4 < total else [prefix, total]
+        ),
+    }
+    real = mask.bool()
+    out = {}
+    for name, logits in ways.items():
+        a, b = full[real], logits[real]
+        out[name] = 0.0 if torch.equal(a, b) else float((a.float() - b.float()).abs().max()) or float("inf")
+    return out
+
+
+@pytest.mark.parametrize(("family", "dtype"), CASES, ids=CASE_IDS)
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_batch_invariance(family, dtype, data):
+    model = model_of(family, dtype)
+    seqs = sequences(1)
+    size = data.draw(st.integers(1, 9), label="batch size")
+    order = data.draw(st.permutations(range(len(seqs))), label="order")[:size]
+    assert batch_mismatches(model, seqs, order) == 0.0
+
+
+@pytest.mark.parametrize(("family", "dtype"), CASES, ids=CASE_IDS)
+def test_query_invariance(family, dtype):
+    model = model_of(family, dtype)
+    seqs = sequences(2, count=3)
+    # Longer than the sliding window (6), so sliding layers drop keys during decode.
+    seqs = (seqs[0] + (5,) * 6, seqs[1], seqs[2] + (7,) * 3)
+    assert query_mismatches(model, seqs) == {"decode": 0.0, "window": 0.0}
+
+
+def test_mode_off_shows_differences(capsys):
+    """The vendor path (sdpa + MKL/oneDNN) fails the same checks somewhere: report where."""
+    batch_diffs, query_diffs = {}, {}
+    seqs = sequences(1)
+    for family, dtype in CASES:
+        model = model_of(family, dtype)
+        name = f"{family}-{str(dtype).removeprefix('torch.')}"
+        batch_diffs[name] = max(
+            batch_mismatches(model, seqs, order, canonical=False)
+            for order in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [4, 2])
+        )
+        q_seqs = sequences(2, count=3)
+        q_seqs = (q_seqs[0] + (5,) * 6, q_seqs[1], q_seqs[2] + (7,) * 3)
+        query_diffs[name] = max(query_mismatches(model, q_seqs, canonical=False).values())
+    with capsys.disabled():
+        print("\nmode OFF, max |logit difference| (0 = invariant by luck):")
+        for name in batch_diffs:
+            print(f"  {name:22s} batch {batch_diffs[name]:.3g}   query {query_diffs[name]:.3g}")
+    assert any(v > 0 for v in batch_diffs.values()), "the default path was batch-invariant everywhere"
+    assert any(v > 0 for v in query_diffs.values()), "the default path was query-invariant everywhere"
+
+
+# --------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize(("family", "dtype"), CASES, ids=CASE_IDS)
+def test_accuracy_vs_float64(family, dtype):
+    """Canonical logits are as close to a float64 forward as the default path at that precision."""
+    model = model_of(family, dtype)
+    reference_model = build_model(family, torch.float64)
+    ids, mask = left_pad(sequences(3, count=4))
+    ref = default_forward(reference_model, ids, mask)
+    real = mask.bool()
+    canonical = run(model, ids, mask)[real].double()
+    default = default_forward(model, ids, mask)[real].double()
+    err_canonical = (canonical - ref[real]).abs().max().item()
+    err_default = (default - ref[real]).abs().max().item()
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert err_canonical <= 2 * err_default + atol, (err_canonical, err_default)
+
+
+# --------------------------------------------------------------------------- the verifier path
+@pytest.mark.parametrize(("family", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_rows_verifier(family, dtype, n):
+    """rows= recomputes positions [P, P + n) of a few rows over the shared cache: logits equal the
+    canonical logits of those rows, and exactly the named K/V columns are (re)written."""
+    model = model_of(family, dtype)
+    seqs = sequences(4, count=5)
+    ids, mask = left_pad([s + (11, 12, 13) for s in seqs])
+    total = ids.shape[1]
+    start = total - n
+    cache = DynamicCache()
+    canonical_logits = torch.cat(
+        [run(model, ids[:, :start], mask[:, :start], cache), run(model, ids[:, start:], mask, cache)], dim=1
+    )
+    clean = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    rows = torch.tensor([3, 0, 4])
+    # Corrupt the columns of EVERY row at the verified positions: the verifier must repair those of
+    # `rows` and leave the others (and everything else) exactly as they are.
+    for layer in cache.layers:
+        layer.keys[:, :, start:] = 1e3
+        layer.values[:, :, start:] = -1e3
+    corrupted = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    logits = margingate.canonical_forward(
+        model, ids[rows, start:], attention_mask=mask, past_key_values=cache, rows=rows
+    )
+    assert torch.equal(logits, canonical_logits[rows, start:])
+    for layer, (k_clean, v_clean), (k_bad, v_bad) in zip(cache.layers, clean, corrupted, strict=True):
+        k_expected, v_expected = k_bad.clone(), v_bad.clone()
+        k_expected[rows, :, start:] = k_clean[rows, :, start:]
+        v_expected[rows, :, start:] = v_clean[rows, :, start:]
+        assert torch.equal(layer.keys, k_expected)
+        assert torch.equal(layer.values, v_expected)
+
+
+def test_rows_verifier_equals_alone():
+    """The verified logits also equal those of the row computed alone (no batch at all)."""
+    model = model_of("gemma3_text", torch.bfloat16)
+    seqs = sequences(5, count=4)
+    ids, mask = left_pad(seqs)
+    cache = DynamicCache()
+    run(model, ids[:, :-1], mask[:, :-1], cache)
+    run(model, ids[:, -1:], mask, cache)
+    row = 2
+    logits = margingate.canonical_forward(
+        model, ids[[row], -1:], attention_mask=mask, past_key_values=cache, rows=torch.tensor([row])
+    )
+    alone = run(model, *left_pad([seqs[row]]))[:, -1:]
+    assert torch.equal(logits, alone)
+
+
+# --------------------------------------------------------------------------- errors
+def test_errors_are_clear():
+    model = model_of("llama", torch.float32)
+    ids, mask = left_pad(sequences(6, count=3))
+    right_padded = mask.flip(-1)
+    with pytest.raises(ValueError, match="not left-padded"):
+        margingate.canonical_forward(model, ids, attention_mask=right_padded)
+    with pytest.raises(TypeError, match="DynamicCache"):
+        margingate.canonical_forward(model, ids, attention_mask=mask, past_key_values=object())
+    sliding_cache = DynamicCache(config=model_of("gemma3_text", torch.float32).config)
+    gemma = model_of("gemma3_text", torch.float32)
+    with pytest.raises(TypeError, match="sliding-window"):
+        margingate.canonical_forward(gemma, ids, attention_mask=mask, past_key_values=sliding_cache)
+    cache = DynamicCache()
+    run(model, ids, mask, cache)
+    with pytest.raises(ValueError, match="distinct"):
+        margingate.canonical_forward(
+            model, ids[[0, 0], -1:], attention_mask=mask, past_key_values=cache, rows=torch.tensor([0, 0])
+        )
+    with pytest.raises(ValueError, match="rows must lie"):
+        margingate.canonical_forward(
+            model, ids[[0], -1:], attention_mask=mask, past_key_values=cache, rows=torch.tensor([7])
+        )
+    model.config.model_type = "gpt2"
+    try:
+        with pytest.raises(ValueError, match="not supported"):
+            margingate.canonical_forward(model, ids, attention_mask=mask)
+    finally:
+        model.config.model_type = "llama"
+    with margingate.batch_invariant(), pytest.raises(RuntimeError, match="float64"):
+        torch.randn(3, 4, dtype=torch.float64) @ torch.randn(4, 5, dtype=torch.float64)
+
+
+def test_model_loaded_with_margingate_attention():
+    """attn_implementation="margingate" works for a plain model(...) call under the mode."""
+    model = build_model("qwen3", torch.bfloat16, attn_implementation="margingate")
+    assert model.config._attn_implementation == "margingate"
+    seqs = sequences(7, count=3)
+    ids, mask = left_pad(seqs)
+    with margingate.batch_invariant(), torch.no_grad():
+        batched = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask, ids.shape[1])
+        )
+        alone = model(input_ids=torch.tensor([seqs[1]]))
+    assert torch.equal(batched.logits[1, -len(seqs[1]) :], alone.logits[0])
+
+
+# --------------------------------------------------------------------------- the mode itself
+def test_mode_is_reentrant_thread_aware_and_restored():
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 64), torch.randn(64, 50)
+    vendor = torch.mm(a, b)
+    fixed = torch.ops.margingate.linear(a, b.t())
+    seen_in_thread = {}
+
+    def other_thread():
+        seen_in_thread["enabled"] = bi_module.is_enabled()
+        seen_in_thread["mm"] = torch.mm(a, b)
+
+    with margingate.batch_invariant():
+        with margingate.batch_invariant():
+            assert bi_module.is_enabled()
+            assert torch.equal(torch.mm(a, b), fixed)
+        assert bi_module.is_enabled()
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert torch.equal(torch.mm(a, b), fixed)
+    assert not bi_module.is_enabled() and bi_module._library is None
+    assert seen_in_thread["enabled"] is False and torch.equal(seen_in_thread["mm"], vendor)
+    assert torch.equal(torch.mm(a, b), vendor)
+    with pytest.raises(KeyError), margingate.batch_invariant():
+        raise KeyError("boom")
+    assert not bi_module.is_enabled() and bi_module._library is None
+    assert torch.equal(torch.mm(a, b), vendor)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_fixed_row_ops_are_invariant_and_accurate(dtype):
+    """The recomposed activations / reductions give a row the same bits in any batch and layout,
+    and stay within a few ulps of torch's own kernels."""
+    torch.manual_seed(1)
+    x = torch.randn(9, 33, 100, dtype=dtype) * 3
+    view = x.view(9, 33, 4, 25).transpose(1, 2)
+    ops = {
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "gelu": F.gelu,
+        "silu": F.silu,
+        "mean": lambda t: t.float().pow(2).mean(-1, keepdim=True),
+        "sum": lambda t: t.sum(-1),
+        "softmax": lambda t: bi_module.fixed_order_softmax(t, -1),
+        "log_softmax": lambda t: bi_module.fixed_order_softmax(t, -1, log=True),
+    }
+    for name, op in ops.items():
+        with margingate.batch_invariant():
+            for tensor, index in ((x, (4, 7)), (view, (4, 2, 7))):
+                whole = op(tensor)[index]
+                alone = op(tensor[index].clone().reshape(1, 1, -1))[0, 0]
+                assert torch.equal(whole, alone), name
+            fixed = op(x)
+        reference = {
+            "softmax": lambda t: torch.softmax(t.float(), -1),
+            "log_softmax": lambda t: torch.log_softmax(t.float(), -1),
+        }.get(name, op)(x)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(fixed.float(), reference.float(), rtol=tol, atol=tol, msg=name)
+
+
+def test_logits_to_keep_matches_full_logits():
+    model = model_of("mistral", torch.bfloat16)
+    ids, mask = left_pad(sequences(8, count=4))
+    full = run(model, ids, mask)
+    last = margingate.canonical_forward(model, ids, attention_mask=mask, logits_to_keep=1)
+    assert last.shape[1] == 1 and torch.equal(last, full[:, -1:])
+    cache = DynamicCache()
+    run(model, ids, mask, cache)
+    rows = torch.tensor([1, 3])
+    verified = margingate.canonical_forward(
+        model, ids[rows, -2:], attention_mask=mask, past_key_values=cache, rows=rows, logits_to_keep=1
+    )
+    assert torch.equal(verified, full[rows, -1:])
+
+
+def test_sdpa_model_inside_the_mode():
+    """An sdpa model raises inside batch_invariant() (instead of batch-dependent logits);
+    batch_invariant(model) switches it to the margingate attention and back."""
+    model = model_of("qwen2", torch.float32)
+    seqs = sequences(9, count=3)
+    ids, mask = left_pad(seqs)
+    positions = position_ids_from_mask(mask, ids.shape[1])
+    with (
+        margingate.batch_invariant(),
+        torch.no_grad(),
+        pytest.raises(RuntimeError, match="not batch-invariant"),
+    ):
+        model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    with margingate.batch_invariant(model), torch.no_grad():
+        assert model.config._attn_implementation == "margingate"
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(batched, run(model, ids, mask))
+    default_forward(model, ids, mask)  # the guard is gone with the mode

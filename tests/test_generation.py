@@ -1,0 +1,428 @@
+"""MarginGate generation on tiny random Llama and Gemma3 models in bf16.
+
+The contract (issue 6): with ``always`` and ``invariant`` (canonical prefill) every prompt's tokens
+are bitwise identical in every batch configuration; ``margin`` with a threshold calibrated here
+is identical too while ``off`` differs on at least one configuration; the statistics add up; the
+cache after generation equals the cache of a run that applied the same repairs by hand.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StaticCache,
+    SuppressTokensLogitsProcessor,
+)
+
+import margingate
+from margingate.generation import MarginGateProcessor
+from models import build_model
+
+FAMILIES = ("llama", "gemma3_text")
+NEW_TOKENS = 24
+NUM_PROMPTS = 8
+# Batch configurations: (prompt order, batch size). Batches are left-padded to their longest
+# prompt, so each configuration also gives most prompts a different amount of padding.
+CONFIGS = {
+    "alone": (list(range(NUM_PROMPTS)), 1),
+    "b3_shuffled": (random.Random(0).sample(range(NUM_PROMPTS), NUM_PROMPTS), 3),
+    "b8_reversed": (list(reversed(range(NUM_PROMPTS))), 8),
+}
+
+_models: dict[str, torch.nn.Module] = {}
+_runs: dict[tuple, dict[str, margingate.GenerationResult]] = {}
+
+
+def model_of(family: str) -> torch.nn.Module:
+    if family not in _models:
+        _models[family] = build_model(family, torch.bfloat16)
+    return _models[family]
+
+
+def prompts_of(seed: int = 1) -> list[list[int]]:
+    # Lengths up to 60 so that batches mix very different paddings; ids >= 3 avoid pad/bos/eos.
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 60, (NUM_PROMPTS,), generator=g)
+    return [torch.randint(3, 384, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def decode(
+    family: str, policy: str, threshold: float | None = None
+) -> dict[str, margingate.GenerationResult]:
+    """Every configuration's result, re-ordered into prompt order (cached per family/policy)."""
+    key = (family, policy, threshold)
+    if key not in _runs:
+        model, prompts = model_of(family), prompts_of()
+        results = {}
+        for name, (order, batch_size) in CONFIGS.items():
+            r = margingate.generate(
+                model,
+                [prompts[i] for i in order],
+                policy=policy,
+                threshold=threshold,
+                max_new_tokens=NEW_TOKENS,
+                batch_size=batch_size,
+                stop_at_eos=False,
+                record_margins=True,
+            )
+            back = {i: j for j, i in enumerate(order)}
+            results[name] = margingate.GenerationResult(
+                sequences=[r.sequences[back[i]] for i in range(NUM_PROMPTS)],
+                stats={**r.stats, "per_row": [r.stats["per_row"][back[i]] for i in range(NUM_PROMPTS)]},
+                margins=[r.margins[back[i]] for i in range(NUM_PROMPTS)],
+            )
+        _runs[key] = results
+    return _runs[key]
+
+
+def divergences(results: dict[str, margingate.GenerationResult]) -> list[tuple[str, int, int, float, float]]:
+    """(config, prompt, first differing step, fast margin alone, fast margin in the config)."""
+    base = results["alone"]
+    found = []
+    for name, r in results.items():
+        for i in range(NUM_PROMPTS):
+            a, b = base.sequences[i], r.sequences[i]
+            step = next((s for s in range(len(a)) if a[s] != b[s]), None)
+            if step is not None:
+                found.append((name, i, step, base.margins[i][step], r.margins[i][step]))
+    return found
+
+
+def calibrated_threshold(family: str) -> float:
+    """Twice the largest fast-path margin at which ``off`` flipped (both sides of every flip),
+    and at least the 10th percentile of all margins: a flip can only happen below it."""
+    off = decode(family, "off")
+    flips = divergences(off)
+    flip_margin = max((max(m1, m2) for *_, m1, m2 in flips), default=0.0)
+    margins = torch.tensor([m for r in off.values() for row in r.margins for m in row])
+    return float(max(2 * flip_margin, margins.quantile(0.10)))
+
+
+# --------------------------------------------------------------------------- invariance contract
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["always", "invariant"])
+def test_always_and_invariant_identical_across_batch_configurations(family, policy):
+    results = decode(family, policy)
+    base = results["alone"].sequences
+    assert all(len(s) == NEW_TOKENS for s in base)
+    for name, r in results.items():
+        assert r.sequences == base, f"{policy} on {family}: {name} differs from alone"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_margin_identical_while_off_flips(family):
+    off = decode(family, "off")
+    flips = divergences(off)
+    print(f"\n{family}: off flips (config, prompt, step, margin alone, margin batched): {flips}")
+    threshold = calibrated_threshold(family)
+    results = decode(family, "margin", threshold)
+    base = results["alone"].sequences
+    stats = {name: (r.stats["trigger_rate"], r.stats["repairs"]) for name, r in results.items()}
+    print(f"{family}: margin threshold {threshold:.4f}, (trigger rate, repairs) per config {stats}")
+    for name, r in results.items():
+        assert r.sequences == base, f"margin on {family}: {name} differs from alone"
+    # The gate must be doing something on these models: a flip proves `off` is not already invariant.
+    if family == "llama":
+        assert flips, "off did not flip on llama: the margin test would prove nothing"
+    assert any(r.stats["repairs"] for r in results.values()) or not flips
+
+
+def test_off_flips_somewhere():
+    """At least one family must show a real fast-path flip, or the margin test proves nothing."""
+    assert any(divergences(decode(f, "off")) for f in FAMILIES)
+
+
+# --------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_add_up(family):
+    threshold = calibrated_threshold(family)
+    for policy, thr in (("margin", threshold), ("always", None), ("off", None), ("invariant", None)):
+        for name, r in decode(family, policy, thr).items():
+            s = r.stats
+            rows = s["per_row"]
+            assert s["steps"] == sum(p["steps"] for p in rows) == NUM_PROMPTS * NEW_TOKENS
+            assert s["verified"] == sum(p["verified"] for p in rows)
+            assert s["repairs"] == sum(p["repairs"] for p in rows)
+            assert 0 <= s["repairs"] <= s["verified"] <= s["steps"]
+            assert s["trigger_rate"] == s["verified"] / s["steps"]
+            assert len(s["repair_margins"]) == s["repairs"]
+            for p in rows:
+                assert p["repairs"] <= p["verified"] <= p["steps"]
+                assert len(p["repair_margins"]) == len(p["repair_steps"]) == p["repairs"]
+            if policy == "margin":
+                # every repair happened below the gate (NaN margins also count as below)
+                assert all(not (m >= threshold) for m in s["repair_margins"]), name
+            elif policy == "always":
+                # canonical prefill makes the first token canonical; every later step is verified
+                assert s["verified"] == NUM_PROMPTS * (NEW_TOKENS - 1), name
+            else:
+                assert s["verified"] == 0 and s["repairs"] == 0
+
+
+def test_eos_stops_rows_and_their_statistics():
+    model = model_of("llama")
+    prompts = prompts_of()[:3]
+    plain = margingate.generate(model, prompts, policy="always", max_new_tokens=8, stop_at_eos=False)
+    eos = plain.sequences[0][2]  # make the third token of prompt 0 an EOS
+    r = margingate.generate(model, prompts, policy="always", max_new_tokens=8, eos_token_id=eos)
+    for i in range(3):
+        seq = plain.sequences[i]
+        cut = seq.index(eos) + 1 if eos in seq else len(seq)
+        assert r.sequences[i] == seq[:cut]
+        assert r.stats["per_row"][i]["steps"] == cut
+    assert r.stats["per_row"][0]["steps"] == 3
+
+
+# --------------------------------------------------------------------------- cache integrity
+def _left_pad(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
+class ReplayProcessor(LogitsProcessor):
+    """Replays a recorded run: applies the recorded verifications by hand, one row at a time, and
+    forces the recorded tokens.
+
+    "By hand": each row's K/V column is recomputed by a canonical forward of that row ALONE over a
+    batch-1 copy of its cached prefix (no ``rows=``), then written with ``kv_patch_``; the batched
+    verifier must produce exactly this and touch nothing else.
+    """
+
+    def __init__(self, model, cache, mask, verified_rows, tokens):
+        self.model, self.cache, self.mask = model, cache, mask
+        self.verified_rows, self.tokens = verified_rows, tokens
+        self.step = 0
+        self.verified_logits: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, input_ids, scores):
+        length = input_ids.shape[1]
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], length - self.mask.shape[1])], 1)
+        for row in reversed(self.verified_rows[self.step]):
+            alone = DynamicCache()
+            for i, layer in enumerate(self.cache.layers):
+                alone.update(
+                    layer.keys[row : row + 1, :, : length - 1].clone(),
+                    layer.values[row : row + 1, :, : length - 1].clone(),
+                    i,
+                )
+            logits = margingate.canonical_forward(
+                self.model,
+                input_ids[row : row + 1, -1:],
+                attention_mask=mask[row : row + 1],
+                past_key_values=alone,
+            )
+            self.verified_logits[(self.step, row)] = logits[0, -1].float()
+            for shared, own in zip(self.cache.layers, alone.layers, strict=True):
+                position = torch.tensor([length - 1])
+                margingate.kv_patch_(
+                    shared.keys,
+                    shared.values,
+                    torch.tensor([row]),
+                    position,
+                    own.keys[:, :, -1],
+                    own.values[:, :, -1],
+                )
+        forced = torch.full_like(scores, -torch.inf)
+        forced[torch.arange(scores.shape[0]), self.tokens[:, self.step]] = 0.0
+        self.step += 1
+        return forced
+
+
+class Recorder(LogitsProcessor):
+    """Keeps the scores it receives (placed after the MarginGateProcessor)."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(scores.clone())
+        return scores
+
+
+def _generate_with(model, ids, mask, processors, cache, new_tokens):
+    with torch.inference_mode():
+        return model.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            logits_processor=LogitsProcessorList(processors),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            pad_token_id=0,
+            eos_token_id=model.config.vocab_size,  # never generated: every row runs new_tokens steps
+        )
+
+
+@pytest.mark.parametrize(
+    "family,policy,canonical_prefill",
+    [("llama", "margin", True), ("gemma3_text", "margin", True), ("llama", "always", False)],
+)
+def test_cache_equals_hand_applied_repairs(family, policy, canonical_prefill):
+    model = model_of(family)
+    prompts = prompts_of(seed=2)[:5]
+    ids, mask = _left_pad(prompts)
+    new_tokens = 12
+    cache = DynamicCache()
+    proc = MarginGateProcessor(
+        model,
+        cache,
+        policy=policy,
+        threshold=calibrated_threshold(family) if policy == "margin" else None,
+        attention_mask=mask,
+        canonical_prefill=canonical_prefill,
+    )
+    recorder = Recorder()
+    out = _generate_with(model, ids, mask, [proc, recorder], cache, new_tokens)
+    tokens = out[:, ids.shape[1] :]
+    assert sum(len(r) for r in proc.verified_rows) == proc.stats()["verified"] > 0
+    if not canonical_prefill:
+        assert proc.verified_rows[0] == list(range(len(prompts))), "the first token must be verified too"
+
+    # Replay: same fast forwards (same batch), the verifications applied by hand.
+    replay_cache = DynamicCache()
+    replay = ReplayProcessor(model, replay_cache, mask, proc.verified_rows, tokens)
+    hooks = MarginGateProcessor(model, replay_cache, policy="off", canonical_prefill=canonical_prefill)
+    replayed = _generate_with(model, ids, mask, [replay], replay_cache, new_tokens)
+    hooks.remove_hooks()
+    assert torch.equal(replayed, out)
+    assert len(cache.layers) == len(replay_cache.layers)
+    for i, (a, b) in enumerate(zip(cache.layers, replay_cache.layers, strict=True)):
+        assert a.keys.shape == b.keys.shape
+        assert torch.equal(a.keys, b.keys), f"layer {i} keys differ from the hand-applied repairs"
+        assert torch.equal(a.values, b.values), f"layer {i} values differ from the hand-applied repairs"
+    # The logits the processor handed on are the hand-computed canonical logits of each verified row.
+    for (step, row), logits in replay.verified_logits.items():
+        assert torch.equal(recorder.seen[step][row], logits)
+
+
+def test_verify_step_writes_only_flagged_rows_at_the_current_position():
+    model = model_of("llama")
+    ids, mask = _left_pad(prompts_of(seed=3)[:4])
+    cache = DynamicCache()
+    proc = MarginGateProcessor(model, cache, policy="margin", threshold=100.0, attention_mask=mask)
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        )
+        scores = out.logits[:, -1].float()
+        scores[1] = scores[1] + 1000 * (torch.arange(scores.shape[1]) == 5)  # row 1: huge margin, not flagged
+        scores[3, 7] = torch.nan  # NaN: verified, never a crash
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        new = proc(ids, scores)
+    assert proc.verified_rows == [[0, 2, 3]]
+    assert torch.isfinite(new[3]).all()
+    assert torch.equal(new[1], scores[1])
+    last = ids.shape[1] - 1
+    for (k0, v0), layer in zip(before, cache.layers, strict=True):
+        for t0, t1 in ((k0, layer.keys), (v0, layer.values)):
+            changed = (t0 != t1).any(dim=(1, 3))  # [B, T]
+            assert not changed[:, :last].any() and not changed[1].any()
+
+
+# --------------------------------------------------------------------------- other processors
+def test_other_processors_follow_and_see_verified_logits():
+    model = model_of("llama")
+    prompts = prompts_of()[:4]
+    seen = {}
+    for name, order, batch_size in (("alone", [0, 1, 2, 3], 1), ("b4_shuffled", [2, 0, 3, 1], 4)):
+        rows = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = _left_pad([prompts[i] for i in chunk])
+            cache = DynamicCache()
+            proc = MarginGateProcessor(
+                model, cache, policy="always", attention_mask=mask, canonical_prefill=True
+            )
+            recorder = Recorder()
+            # (a processor that reads input_ids, like a repetition penalty, would see the left
+            # padding and differ between batch configurations by itself)
+            suppress = SuppressTokensLogitsProcessor(suppress_tokens=list(range(100, 200)))
+            out = _generate_with(model, ids, mask, [proc, suppress, recorder], cache, 10)
+            for r, i in enumerate(chunk):
+                rows[i] = (out[r, ids.shape[1] :].tolist(), [s[r] for s in recorder.seen])
+        seen[name] = rows
+    for i in range(4):
+        assert not any(100 <= t < 200 for t in seen["alone"][i][0]), "the later processor was bypassed"
+        assert seen["alone"][i][0] == seen["b4_shuffled"][i][0]
+        for a, b in zip(seen["alone"][i][1], seen["b4_shuffled"][i][1], strict=True):
+            assert torch.equal(a, b), "a later processor saw batch-dependent scores"
+
+
+def test_must_be_the_first_processor():
+    model = model_of("llama")
+    ids, mask = _left_pad(prompts_of()[:2])
+    cache = DynamicCache()
+    proc = MarginGateProcessor(model, cache, policy="margin", attention_mask=mask)
+    with pytest.raises(ValueError, match="must be the first logits processor"):
+        _generate_with(model, ids, mask, [Recorder(), proc], cache, 2)
+
+
+# --------------------------------------------------------------------------- errors
+def test_clear_errors():
+    model = model_of("gemma3_text")
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        MarginGateProcessor(model, DynamicCache(), threshold=-0.1)
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        margingate.generate(model, [[3, 4]], threshold=float("nan"))
+    with pytest.raises(ValueError, match="policy must be one of"):
+        margingate.generate(model, [[3, 4]], policy="sometimes")
+    with pytest.raises(TypeError, match="DynamicLayer"):
+        MarginGateProcessor(model, DynamicCache(config=model.config))  # sliding-window layers
+    with pytest.raises(TypeError, match="DynamicCache"):
+        MarginGateProcessor(model, StaticCache(config=model.config, max_cache_len=32))
+    with pytest.raises(ValueError, match="sampling .* not supported"):
+        margingate.generate(model, [[3, 4]], temperature=0.7, do_sample=True)
+    with pytest.raises(ValueError, match="sampling .* not supported"):
+        margingate.generate(model, [[3, 4]], temperature=0.7)
+    with pytest.raises(ValueError, match="strings, pass tokenizer"):
+        margingate.generate(model, ["hello"])
+    # do_sample reaching the processor through a plain model.generate call
+    ids, mask = _left_pad([[3, 4, 5]])
+    cache = DynamicCache()
+    proc = MarginGateProcessor(model, cache, attention_mask=mask)
+    with pytest.raises(ValueError, match="sampling .* not supported"), torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            logits_processor=[proc],
+            do_sample=True,
+            max_new_tokens=2,
+            pad_token_id=0,
+        )
+
+
+def test_unsupported_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).eval()
+    with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
+        MarginGateProcessor(gpt2, DynamicCache())
+    with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
+        margingate.generate(gpt2, [[1, 2]])
+
+
+def test_invariant_policy_runs_in_canonical_mode():
+    """``invariant`` is the whole generate in canonical mode: the first token's logits equal
+    ``canonical_forward`` of the prompt alone."""
+    model = model_of("gemma3_text")
+    prompt = prompts_of()[0]
+    r = margingate.generate(model, [prompt], policy="invariant", max_new_tokens=1)
+    logits = margingate.canonical_forward(
+        model, torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long)
+    )
+    assert r.sequences[0] == [int(logits[0, -1].argmax())]
