@@ -49,6 +49,10 @@ inline __m512 load16(const fp16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// The tail, the lane merge and the -inf fix-up shared by both scans.
+template <typename T>
+Top2 finish(const Lanes& a, const Lanes& b, bool nan, const T* row, int64_t c, int64_t begin, int64_t end);
+
 template <typename T>
 Top2 scan(const T* row, int64_t begin, int64_t end) {
   Lanes a, b;
@@ -61,15 +65,39 @@ Top2 scan(const T* row, int64_t begin, int64_t end) {
     a.step(xa, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c)), iota));
     b.step(xb, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c + 16)), iota));
   }
-  for (; c + 16 <= end; c += 16) {
-    const __m512 xa = load16(row + c);
-    nan |= _mm512_cmp_ps_mask(xa, xa, _CMP_UNORD_Q);
-    a.step(xa, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c)), iota));
+  return finish(a, b, nan != 0, row, c, begin, end);
+}
+
+// bf16 widens to fp32 by placing its 16 bits on top of 16 zero bits. Interleaving with zeros
+// inside each 128-bit lane (unpacklo/hi) does that for 32 values with two cheap in-lane ops; the
+// values land in a permuted lane order, so each lane carries its own index offsets. Within a lane
+// the indices still grow from one iteration to the next, which is all the first-index rule needs.
+template <>
+Top2 scan<bf16_t>(const bf16_t* row, int64_t begin, int64_t end) {
+  Lanes a, b;
+  __mmask16 nan = 0;
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i lo_offsets = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i hi_offsets = _mm512_add_epi32(lo_offsets, _mm512_set1_epi32(4));
+  int64_t c = begin;
+  for (; c + 32 <= end; c += 32) {
+    const __m512i raw = _mm512_loadu_si512(row + c);
+    const __m512 xa = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
+    const __m512 xb = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
+    nan |= _mm512_cmp_ps_mask(xa, xa, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(xb, xb, _CMP_UNORD_Q);
+    const __m512i base = _mm512_set1_epi32(static_cast<int32_t>(c));
+    a.step(xa, _mm512_add_epi32(base, lo_offsets));
+    b.step(xb, _mm512_add_epi32(base, hi_offsets));
   }
+  return finish(a, b, nan != 0, row, c, begin, end);
+}
+
+template <typename T>
+Top2 finish(const Lanes& a, const Lanes& b, bool nan, const T* row, int64_t c, int64_t begin, int64_t end) {
   Top2 t;
   a.offer_to(t);
   b.offer_to(t);
-  t.has_nan = nan != 0;
+  t.has_nan = nan;
   for (; c < end; ++c) {
     const float x = to_float(row[c]);
     if (x != x) {
