@@ -92,7 +92,10 @@ def test_margin_matches_reference(logits):
 @pytest.mark.parametrize("vocab", [32000, 128256, 262144])
 def test_margin_large_vocabularies(dtype, vocab):
     g = torch.Generator().manual_seed(vocab)
-    logits = (torch.randn(5, vocab, generator=g) * 6).to(dtype)
+    logits = (torch.randn(7, vocab, generator=g) * 6).to(dtype)
+    # Ascending and descending rows: every block (or none) holds a new runner-up.
+    logits[5] = torch.linspace(-50, 50, vocab).to(dtype)
+    logits[6] = torch.linspace(50, -50, vocab).to(dtype)
     # Put the winners near the end, in the middle and at the start.
     logits[0, -1] = 100
     logits[1, vocab // 2] = 100
