@@ -81,3 +81,51 @@ def kv_patch_(
 @torch.library.register_fake("margingate::kv_patch_")
 def _kv_patch_fake(k_cache, v_cache, rows, positions, k_new, v_new):
     return None
+
+
+# --------------------------------------------------------------------------- linear
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with a fixed K-reduction order: every output row is batch-invariant.
+
+    ``x`` is ``[..., K]``, ``weight`` ``[N, K]`` (the ``nn.Linear`` layout), ``bias`` ``[N]`` or
+    None, all of one dtype (bf16, fp16 or fp32), any strides; the result is ``[..., N]`` in x's
+    dtype, accumulated in fp32. Row ``i`` of the result is bit-identical to computing that row
+    alone, for any number of rows, any position and any strides (the reduction order of each
+    element is fixed per SIMD level; see ``cpp/src/linear/linear.cpp``). A bf16 weight is read as
+    bf16 (never copied to fp32); a weight whose rows are not contiguous along K is first packed
+    to a dense ``[N, K]`` copy of its own dtype.
+
+    How the batch-invariant mode routes aten's matmuls through it (``w.t()`` is a free view):
+
+    - ``linear(x, w, b)``           -> ``linear(x, w, b)``
+    - ``mm(a[M, K], b[K, N])``      -> ``linear(a, b.t())``
+    - ``addmm(c, a, b, beta=1, alpha=1)`` with ``c`` a bias ``[N]`` (or broadcast to it)
+                                    -> ``linear(a, b.t(), c)``; other ``c``/``beta``/``alpha``:
+                                       ``beta * c + alpha * linear(a, b.t())`` (elementwise, so
+                                       still row-invariant)
+    - ``matmul(a[..., K], b[K, N])`` (2-D ``b``) -> ``linear(a, b.t())``
+    - ``bmm(a[B, M, K], b[B, K, N])`` and ``matmul`` with a batched ``b``
+                                    -> ``torch.stack([linear(a[i], b[i].t()) for i in range(B)])``
+                                       (one call per batch entry; each is row-invariant)
+    """
+    return torch.ops.margingate.linear.default(x, weight, bias)
+
+
+@torch.library.register_fake("margingate::linear")
+def _linear_fake(x, weight, bias=None):
+    torch._check(x.dim() >= 1, lambda: "margingate.linear: x must have at least 1 dimension")
+    torch._check(weight.dim() == 2, lambda: "margingate.linear: weight must be 2-D [N, K]")
+    torch._check(
+        weight.shape[1] == x.shape[-1], lambda: "margingate.linear: weight must be [N, K] with K = x.size(-1)"
+    )
+    torch._check(weight.dtype == x.dtype, lambda: "margingate.linear: weight must have x's dtype")
+    torch._check(
+        weight.device == x.device, lambda: "margingate.linear: x and weight must be on the same device"
+    )
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: "margingate.linear: bias must be 1-D [N]",
+        )
+        torch._check(bias.dtype == x.dtype, lambda: "margingate.linear: bias must have x's dtype")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
