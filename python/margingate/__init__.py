@@ -6,7 +6,7 @@ Import torch first (this module does it for you); the native ops are then availa
 
 import torch  # noqa: F401  (the extension links against the already-imported torch)
 
-from .ops import build_info, kv_patch_, linear, margin
+from .ops import attention, build_info, kv_patch_, linear, margin
 
-__all__ = ["build_info", "kv_patch_", "linear", "margin"]
+__all__ = ["attention", "build_info", "kv_patch_", "linear", "margin"]
 __version__ = "0.1.0"

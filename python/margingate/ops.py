@@ -129,3 +129,44 @@ def _linear_fake(x, weight, bias=None):
         )
         torch._check(bias.dtype == x.dtype, lambda: "margingate.linear: bias must have x's dtype")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# --------------------------------------------------------------------------- attention
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor | None = None,
+    kv_rows: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Batch- and query-invariant GQA attention (Hugging Face layout, any strides).
+
+    ``q`` is ``[B, Hq, Tq, D]``, ``k``/``v`` are ``[Bkv, Hkv, Tk, D]`` (bf16/fp16/fp32, one dtype,
+    ``Hq % Hkv == 0``, ``D <= 256``). The queries are the last ``Tq`` positions: query ``j`` sits at
+    ``p = Tk - Tq + j`` and sees keys ``t`` with ``kv_start[b] <= t`` (left padding), ``t <= p``
+    when ``causal`` and ``p - window < t`` with a sliding ``window`` (which requires ``causal``).
+    ``kv_rows[b]`` names the k/v row that query row ``b`` reads (default: row ``b``, then
+    ``Bkv == B``). ``scale`` defaults to ``1/sqrt(D)``. Returns a contiguous ``[B, Hq, Tq, D]``
+    tensor in q's dtype; a query that sees no key gets zeros.
+
+    Each output is bit-identical whatever the batch, the padding amount, the cache capacity, the
+    kv_rows indirection and Tq (a decode step equals the same query inside a prefill).
+    """
+    return torch.ops.margingate.attention.default(
+        q, k, v, kv_start, kv_rows, causal=causal, scale=scale, window=window
+    )
+
+
+@torch.library.register_fake("margingate::attention")
+def _attention_fake(q, k, v, kv_start=None, kv_rows=None, *, causal=True, scale=None, window=None):
+    torch._check(q.dim() == 4, lambda: "margingate.attention: q must be 4-D [batch, heads, seq, head_dim]")
+    torch._check(k.dim() == 4 and v.dim() == 4, lambda: "margingate.attention: k and v must be 4-D")
+    torch._check(
+        k.dtype == q.dtype and v.dtype == q.dtype, lambda: "margingate.attention: q, k, v dtypes differ"
+    )
+    torch._check(k.shape[3] == q.shape[3], lambda: "margingate.attention: q and k head_dim differ")
+    return q.new_empty(q.shape)

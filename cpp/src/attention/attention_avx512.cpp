@@ -1,0 +1,291 @@
+// attention: AVX-512 chunk kernel. Compiled with -mavx512*; called only when the CPU has AVX-512.
+//
+// Same arithmetic as the scalar kernel (attention_impl.h), lane by lane: a chunk's keys are
+// transposed to fp32 kt[d][64] so that one vector holds 16 keys, and each score is the fma chain
+// over d of broadcast(q[d]) * kt[d][keys] (exactly the scalar chain, 16 keys at a time). The
+// transposed chunk is reused by every query of the group (G heads x a block of positions), and so
+// is each loaded V row in the p.v accumulation, which is what makes decode stream K/V once per
+// GQA group. Short chunks mask lanes instead of changing the order of anything.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "attention_impl.h"
+
+namespace margingate::attention_impl {
+
+namespace {
+
+constexpr int kMaxTileQueries = 6;  // queries per register tile (x 4 vectors = 24 accumulators)
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16_t* p, __mmask16 m) {
+  const __m256i w = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+}
+inline __m512 load16(const fp16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
+}
+
+// The one vector exp2, for x <= 0: the lane-wise twin of exp2_nonpositive.
+inline __m512 exp2v(__m512 x) {
+  // "not less than" keeps NaN lanes (NaN in, NaN out, like the scalar version).
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExp2Min), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 y = _mm512_set1_ps(kExp2P0);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2P1));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2P2));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2P3));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2P4));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2P5));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  const __m512i ni = _mm512_cvttps_epi32(_mm512_maskz_mov_ps(keep, n));
+  const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
+  return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, two_n));
+}
+
+// The fixed lane tree of the contract: (i, i+8), (i, i+4), (i, i+2), (0, 1).
+inline float tree_sum(__m512 v) {
+  const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+  const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+  const __m128 h1 = _mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1));
+  return _mm_cvtss_f32(h1);
+}
+
+// In-register 16x16 transpose: r[i][j] -> r[j][i].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  // After the in-lane steps, u[4a + c] holds 4x4 blocks of rows 4a..4a+3; two rounds of 128-bit
+  // lane shuffles move the blocks to their transposed places.
+  for (int i = 0; i < 16; i += 8) {
+    for (int c = 0; c < 4; ++c) {
+      t[i + c] = _mm512_shuffle_f32x4(u[i + c], u[i + 4 + c], 0x88);
+      t[i + 4 + c] = _mm512_shuffle_f32x4(u[i + c], u[i + 4 + c], 0xdd);
+    }
+  }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+  }
+}
+
+// kt[d][i] = k[t0 + i][d] for i < 16 * nkv (zeros past t1), fp32.
+template <typename T>
+void transpose_keys(const Group& g, int64_t t0, int64_t t1, int nkv, float* kt) {
+  const AttentionArgs& a = *g.args;
+  const T* base = static_cast<const T*>(a.k) + g.kv_row * a.k_stride[0] + g.kv_head * a.k_stride[1];
+  const int64_t D = a.D;
+  for (int tb = 0; tb < nkv; ++tb) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 dm = first_lanes(D - d0);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = t0 + tb * 16 + i;
+        r[i] = t < t1 ? load16(base + t * a.k_stride[2] + d0, dm) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      const int64_t rows = std::min<int64_t>(16, D - d0);
+      for (int64_t dd = 0; dd < rows; ++dd) _mm512_storeu_ps(kt + (d0 + dd) * kChunk + tb * 16, r[dd]);
+    }
+  }
+}
+
+// scores[i][0 .. 16 NKV) = (fma chain over d of q_i[d] * kt[d][.]) * c2.
+template <int NQ, int NKV>
+void scores_tile(const float* kt, const float* const* q, int64_t D, float c2, float* const* out) {
+  __m512 acc[NQ][NKV];
+  for (int i = 0; i < NQ; ++i)
+    for (int j = 0; j < NKV; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 k[NKV];
+    for (int j = 0; j < NKV; ++j) k[j] = _mm512_loadu_ps(kt + d * kChunk + 16 * j);
+    for (int i = 0; i < NQ; ++i) {
+      const __m512 qb = _mm512_set1_ps(q[i][d]);
+      for (int j = 0; j < NKV; ++j) acc[i][j] = _mm512_fmadd_ps(qb, k[j], acc[i][j]);
+    }
+  }
+  const __m512 c = _mm512_set1_ps(c2);
+  for (int i = 0; i < NQ; ++i)
+    for (int j = 0; j < NKV; ++j) _mm512_storeu_ps(out[i] + 16 * j, _mm512_mul_ps(acc[i][j], c));
+}
+
+using ScoresFn = void (*)(const float*, const float* const*, int64_t, float, float* const*);
+
+template <int NQ>
+constexpr ScoresFn scores_for(int nkv) {
+  return nkv == 1 ? &scores_tile<NQ, 1> : nkv == 2 ? &scores_tile<NQ, 2> : nkv == 3 ? &scores_tile<NQ, 3> : &scores_tile<NQ, 4>;
+}
+
+ScoresFn scores_kernel(int nq, int nkv) {
+  switch (nq) {
+    case 1: return scores_for<1>(nkv);
+    case 2: return scores_for<2>(nkv);
+    case 3: return scores_for<3>(nkv);
+    case 4: return scores_for<4>(nkv);
+    case 5: return scores_for<5>(nkv);
+    default: return scores_for<6>(nkv);
+  }
+}
+
+// out[i][d0 .. d0 + 16 NDV) = fma chain over t < n[i] of p_i[t] * v[t][d0 ..]: each query's chain
+// only sees its own keys (masked fma leaves the accumulator untouched, bit for bit).
+template <typename T, int NQ, int NDV>
+void pv_tile(const T* v, int64_t v_row_stride, int nmax, const float* const* p, const int* n, __mmask16 last,
+             float* const* out) {
+  __m512 acc[NQ][NDV];
+  for (int i = 0; i < NQ; ++i)
+    for (int j = 0; j < NDV; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int t = 0; t < nmax; ++t) {
+    const T* row = v + t * v_row_stride;
+    __m512 x[NDV];
+    for (int j = 0; j < NDV; ++j) x[j] = load16(row + 16 * j, j == NDV - 1 ? last : static_cast<__mmask16>(0xffff));
+    for (int i = 0; i < NQ; ++i) {
+      const __mmask16 on = t < n[i] ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0);
+      const __m512 pb = _mm512_set1_ps(p[i][t]);
+      for (int j = 0; j < NDV; ++j) acc[i][j] = _mm512_mask3_fmadd_ps(pb, x[j], acc[i][j], on);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int j = 0; j < NDV; ++j)
+      _mm512_mask_storeu_ps(out[i] + 16 * j, j == NDV - 1 ? last : static_cast<__mmask16>(0xffff), acc[i][j]);
+}
+
+template <typename T>
+using PvFn = void (*)(const T*, int64_t, int, const float* const*, const int*, __mmask16, float* const*);
+
+template <typename T, int NQ>
+constexpr PvFn<T> pv_for(int ndv) {
+  return ndv == 1 ? &pv_tile<T, NQ, 1> : ndv == 2 ? &pv_tile<T, NQ, 2> : ndv == 3 ? &pv_tile<T, NQ, 3> : &pv_tile<T, NQ, 4>;
+}
+
+template <typename T>
+PvFn<T> pv_kernel(int nq, int ndv) {
+  switch (nq) {
+    case 1: return pv_for<T, 1>(ndv);
+    case 2: return pv_for<T, 2>(ndv);
+    case 3: return pv_for<T, 3>(ndv);
+    case 4: return pv_for<T, 4>(ndv);
+    case 5: return pv_for<T, 5>(ndv);
+    default: return pv_for<T, 6>(ndv);
+  }
+}
+
+template <typename T>
+void chunk_avx512_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c, float* l_c, float* a_c) {
+  const AttentionArgs& a = *g.args;
+  const int64_t D = a.D;
+  const int64_t t1 = std::min(t0 + kChunk, g.max_hi + 1);
+  const int nkv = static_cast<int>((t1 - t0 + 15) / 16);
+
+  // Active queries (hi >= t0) and their key counts in this chunk.
+  int* act = s.active;
+  int* n = s.count;
+  int na = 0;
+  for (int qi = 0; qi < g.nq; ++qi) {
+    if (g.hi[qi] < t0) continue;
+    act[na] = qi;
+    n[na] = static_cast<int>(std::min(t1, g.hi[qi] + 1) - t0);
+    ++na;
+  }
+  if (na == 0) return;
+
+  transpose_keys<T>(g, t0, t1, nkv, s.kt);
+
+  const int tiles = (na + kMaxTileQueries - 1) / kMaxTileQueries;
+  const int per_tile = (na + tiles - 1) / tiles;
+
+  // Scores.
+  for (int i0 = 0; i0 < na; i0 += per_tile) {
+    const int cnt = std::min(per_tile, na - i0);
+    const float* q[kMaxTileQueries];
+    float* out[kMaxTileQueries];
+    for (int i = 0; i < cnt; ++i) {
+      q[i] = g.qf + act[i0 + i] * D;
+      out[i] = s.p + act[i0 + i] * kChunk;
+    }
+    scores_kernel(cnt, nkv)(s.kt, q, D, g.c2, out);
+  }
+
+  // Chunk maximum, weights and their sum, per query.
+  for (int i = 0; i < na; ++i) {
+    float* p = s.p + act[i] * kChunk;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int j = 0; j < nkv; ++j) mx = _mm512_mask_max_ps(mx, first_lanes(n[i] - 16 * j), mx, _mm512_loadu_ps(p + 16 * j));
+    const float m = _mm512_reduce_max_ps(mx);  // a max is exact in any order
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < nkv; ++j) {
+      const __m512 w = _mm512_maskz_mov_ps(first_lanes(n[i] - 16 * j), exp2v(_mm512_sub_ps(_mm512_loadu_ps(p + 16 * j), mv)));
+      _mm512_storeu_ps(p + 16 * j, w);
+      sum = j == 0 ? w : _mm512_add_ps(sum, w);
+    }
+    m_c[act[i]] = m;
+    l_c[act[i]] = tree_sum(sum);
+  }
+
+  // p.v, 64 columns of D at a time.
+  const T* vbase = static_cast<const T*>(a.v) + g.kv_row * a.v_stride[0] + g.kv_head * a.v_stride[1] + t0 * a.v_stride[2];
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t width = std::min<int64_t>(64, D - d0);
+    const int ndv = static_cast<int>((width + 15) / 16);
+    const __mmask16 last = first_lanes(width - 16 * (ndv - 1));
+    for (int i0 = 0; i0 < na; i0 += per_tile) {
+      const int cnt = std::min(per_tile, na - i0);
+      const float* p[kMaxTileQueries];
+      float* out[kMaxTileQueries];
+      int nmax = 0;
+      for (int i = 0; i < cnt; ++i) {
+        p[i] = s.p + act[i0 + i] * kChunk;
+        out[i] = a_c + act[i0 + i] * D + d0;
+        nmax = std::max(nmax, n[i0 + i]);
+      }
+      pv_kernel<T>(cnt, ndv)(vbase + d0, a.v_stride[2], nmax, p, n + i0, last, out);
+    }
+  }
+}
+
+void chunk_avx512(const Group& g, int64_t t0, const Scratch& s, float* m_c, float* l_c, float* a_c) {
+  switch (g.args->dtype) {
+    case DType::kFloat32: chunk_avx512_typed<float>(g, t0, s, m_c, l_c, a_c); break;
+    case DType::kFloat16: chunk_avx512_typed<fp16_t>(g, t0, s, m_c, l_c, a_c); break;
+    case DType::kBFloat16: chunk_avx512_typed<bf16_t>(g, t0, s, m_c, l_c, a_c); break;
+  }
+}
+
+void combine_avx512(int64_t D, float* m, float* l, float* acc, float m_c, float l_c, const float* a_c) {
+  const float m_new = std::max(*m, m_c);
+  const float alpha = exp2_nonpositive(*m - m_new);
+  const float beta = exp2_nonpositive(m_c - m_new);
+  *m = m_new;
+  *l = std::fma(*l, alpha, l_c * beta);
+  const __m512 av = _mm512_set1_ps(alpha), bv = _mm512_set1_ps(beta);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 k = first_lanes(D - d);
+    const __m512 x = _mm512_maskz_loadu_ps(k, acc + d);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a_c + d), bv);
+    _mm512_mask_storeu_ps(acc + d, k, _mm512_fmadd_ps(x, av, y));
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_avx512() {
+  static const Kernels k{&chunk_avx512, &combine_avx512};
+  return k;
+}
+
+}  // namespace margingate::attention_impl

@@ -1,0 +1,111 @@
+// Internal to the attention kernels: the canonical arithmetic shared by every SIMD level, and the
+// interface between the driver (attention.cpp: grouping, threads, conversions) and the per-level
+// chunk kernels (attention.cpp scalar, attention_avx512.cpp).
+//
+// The canonical arithmetic (each SIMD level performs exactly these IEEE fp32 operations, so the
+// scalar and AVX-512 paths agree bit for bit; see the invariance argument in attention.cpp):
+//   score(q, t)  = (fma-chain over d = 0..D-1 of q[d] * k[t][d], starting at +0) * c2,
+//                  c2 = float(scale * log2(e))           (softmax in base 2)
+//   chunk c of a query: keys [lo + 64 c, min(lo + 64 c + 64, hi + 1)), lo = first visible key
+//   m_c          = max of the chunk's scores
+//   p_t          = exp2_nonpositive(score_t - m_c)
+//   l_c          = lane tree of the 64 p's: lane i = ((p[i] + p[16+i]) + p[32+i]) + p[48+i] (missing
+//                  keys are +0), then lanes (i, i+8), (i, i+4), (i, i+2), (0, 1) are added
+//   a_c[d]       = fma-chain over the chunk's keys in order of p_t * v[t][d], starting at +0
+//   combine      m' = max(m, m_c); alpha = exp2(m - m'); beta = exp2(m_c - m');
+//                l = fma(l, alpha, l_c * beta); acc[d] = fma(acc[d], alpha, a_c[d] * beta)
+//   output[d]    = acc[d] / l  (l == 0: no visible key, zeros)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "margingate/attention.h"
+
+namespace margingate::attention_impl {
+
+// Keys per chunk: a constant of the contract. Changing it changes results in the last bits.
+constexpr int64_t kChunk = 64;
+constexpr int64_t kMaxHeadDim = 256;
+
+// log2(e): scores are kept in base 2 so each exponential is one exp2.
+constexpr double kLog2e = 1.4426950408889634;
+
+// Coefficients of 2^f = 1 + f * P(f) on [-0.5, 0.5] (Cephes exp2f, relative error ~2e-7).
+constexpr float kExp2P0 = 1.535336188319500e-4f;
+constexpr float kExp2P1 = 1.339887440266574e-3f;
+constexpr float kExp2P2 = 9.618437357674640e-3f;
+constexpr float kExp2P3 = 5.550332471162809e-2f;
+constexpr float kExp2P4 = 2.402264791363012e-1f;
+constexpr float kExp2P5 = 6.931472028550421e-1f;
+// Below this the weight is < 2^-120 of the maximum's: flushed to exactly 0 (also keeps every
+// intermediate a normal number, so denormal modes of the thread cannot matter).
+constexpr float kExp2Min = -120.0f;
+
+// The one exp of the kernels, for x <= 0. The AVX-512 version performs the same operations lane by
+// lane (round to nearest even, subtract, Horner with fma, multiply by 2^n), so the two agree.
+inline float exp2_nonpositive(float x) {
+  if (x < kExp2Min) return 0.0f;  // also -inf
+  const float n = std::nearbyint(x);
+  const float f = x - n;
+  float y = kExp2P0;
+  y = std::fma(y, f, kExp2P1);
+  y = std::fma(y, f, kExp2P2);
+  y = std::fma(y, f, kExp2P3);
+  y = std::fma(y, f, kExp2P4);
+  y = std::fma(y, f, kExp2P5);
+  y = std::fma(y, f, 1.0f);
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return y * two_n;
+}
+
+// Queries that share one kv head, one k/v row and one first visible key `lo`, so they share the
+// chunk grid. Query i has fp32 vector qf[i * D ...] and last visible key hi[i] (inclusive).
+struct Group {
+  const AttentionArgs* args = nullptr;
+  int64_t kv_row = 0;  // row of k/v
+  int64_t kv_head = 0;
+  int64_t lo = 0;      // first visible key of every query of the group
+  int64_t max_hi = 0;  // max of hi[]
+  int nq = 0;
+  const float* qf = nullptr;   // [nq][D]
+  const int64_t* hi = nullptr; // [nq]
+  float c2 = 0.0f;             // scale * log2(e)
+};
+
+// Per-thread scratch, sized for one group.
+struct Scratch {
+  float* kt = nullptr;  // [D][kChunk] transposed, fp32 keys of the chunk
+  float* p = nullptr;   // [nq][kChunk] scores, then weights
+  int* active = nullptr;  // [nq] queries that see the chunk
+  int* count = nullptr;   // [nq] their keys in the chunk
+};
+
+// Computes the partial (m_c, l_c, a_c[D]) of every query of the group whose hi >= t0 for the chunk
+// starting at key t0 (other queries' entries are left untouched).
+using ChunkFn = void (*)(const Group& g, int64_t t0, const Scratch& s, float* m_c, float* l_c, float* a_c);
+// Folds a chunk partial into a query's running state (m, l, acc[D]).
+using CombineFn = void (*)(int64_t D, float* m, float* l, float* acc, float m_c, float l_c, const float* a_c);
+
+struct Kernels {
+  ChunkFn chunk;
+  CombineFn combine;
+};
+
+const Kernels& kernels_scalar();
+const Kernels& kernels_avx512();
+
+// Element access with element strides, for the scalar path and the driver.
+inline float load_element(DType dtype, const void* base, int64_t offset) {
+  switch (dtype) {
+    case DType::kFloat32: return static_cast<const float*>(base)[offset];
+    case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[offset]);
+    case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[offset]);
+  }
+  return 0.0f;
+}
+
+}  // namespace margingate::attention_impl

@@ -1,0 +1,351 @@
+"""margingate.attention: accuracy against an fp64 reference, and the invariances bit for bit."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import margingate
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The flash-attention rule: our error may be at most twice that of plain torch computing the same
+# attention in fp32 and rounding to the dtype, plus a small absolute slack for the exp2
+# polynomial (~2e-7 relative) that torch's exp does not share.
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+
+def visible_mask(Tq, Tk, kv_start, causal, window):
+    """[B, 1, Tq, Tk] bool: which key each query sees (queries at the last Tq positions)."""
+    p = torch.arange(Tk - Tq, Tk)[:, None]
+    t = torch.arange(Tk)[None, :]
+    mask = torch.ones(Tq, Tk, dtype=torch.bool)
+    if causal:
+        mask &= t <= p
+    if window is not None:
+        mask &= t > p - window
+    mask = mask[None, None]
+    if kv_start is not None:
+        mask = mask & (t[None, None] >= kv_start.long()[:, None, None, None])
+    return mask
+
+
+def reference(
+    q, k, v, kv_start=None, kv_rows=None, *, causal=True, scale=None, window=None, compute=torch.float64
+):
+    """Plain-torch attention (fp64 by default) with explicit masking; fully masked queries give zeros."""
+    B, Hq, Tq, D = q.shape
+    if kv_rows is not None:
+        k, v = k[kv_rows.long()], v[kv_rows.long()]
+    Hkv, Tk = k.shape[1], k.shape[2]
+    k = k.to(compute).repeat_interleave(Hq // Hkv, dim=1)
+    v = v.to(compute).repeat_interleave(Hq // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (q.to(compute) @ k.transpose(-1, -2)) * scale
+    mask = visible_mask(Tq, Tk, kv_start, causal, window)
+    scores = scores.masked_fill(~mask, -math.inf)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return weights @ v
+
+
+def assert_close_to_reference(out, args, kwargs, factor=2.0):
+    """`out` vs the fp64 reference, judged against plain torch in fp32 rounded to out's dtype."""
+    if out.numel() == 0:
+        return
+    ref = reference(*args, **kwargs)
+    torch_fp32 = reference(*args, **kwargs, compute=torch.float32).to(out.dtype)
+    baseline = (torch_fp32.double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= factor * baseline + ATOL[out.dtype], f"max error {err} vs torch fp32 {baseline}"
+
+
+def same_bits(a, b):
+    """Bitwise equality (distinguishes -0 from +0 and compares NaN payloads)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def randn(*shape, dtype, gen):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+# ----------------------------------------------------------------------------- accuracy
+@st.composite
+def problems(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    B = draw(st.integers(0, 3))
+    Hkv = draw(st.integers(1, 3))
+    G = draw(st.sampled_from([1, 2, 4]))
+    D = draw(st.sampled_from([1, 3, 16, 33, 64, 80, 128, 256]))
+    Tk = draw(st.integers(0, 200))
+    Tq = draw(st.integers(0, Tk + 2))
+    window = draw(st.one_of(st.none(), st.integers(1, Tk + 3)))
+    causal = True if window is not None else draw(st.booleans())
+    padded = draw(st.booleans())
+    kv_start = (
+        torch.tensor(draw(st.lists(st.integers(0, Tk), min_size=B, max_size=B)), dtype=torch.int64)
+        if padded
+        else None
+    )
+    scale = draw(st.one_of(st.none(), st.floats(0.01, 2.0)))
+    layout = draw(st.sampled_from(["contiguous", "bthd", "capacity"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, B, Hkv, G, D, Tk, Tq, window, causal, kv_start, scale, layout, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_matches_fp64_reference(problem):
+    dtype, B, Hkv, G, D, Tk, Tq, window, causal, kv_start, scale, layout, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    Hq = Hkv * G
+    if layout == "bthd":  # transformers' [B, T, H, D] storage seen through a transpose
+        q = randn(B, Tq, Hq, D, dtype=dtype, gen=gen).transpose(1, 2)
+        k = randn(B, Tk, Hkv, D, dtype=dtype, gen=gen).transpose(1, 2)
+        v = randn(B, Tk, Hkv, D, dtype=dtype, gen=gen).transpose(1, 2)
+    elif layout == "capacity":  # a view into a larger cache
+        q = randn(B, Hq, Tq, D, dtype=dtype, gen=gen)
+        k = randn(B, Hkv, Tk + 7, D, dtype=dtype, gen=gen)[:, :, :Tk]
+        v = randn(B, Hkv, Tk + 7, D, dtype=dtype, gen=gen)[:, :, :Tk]
+    else:
+        q = randn(B, Hq, Tq, D, dtype=dtype, gen=gen)
+        k = randn(B, Hkv, Tk, D, dtype=dtype, gen=gen)
+        v = randn(B, Hkv, Tk, D, dtype=dtype, gen=gen)
+    out = margingate.attention(q, k, v, kv_start, causal=causal, scale=scale, window=window)
+    assert out.shape == (B, Hq, Tq, D) and out.dtype == dtype and out.is_contiguous()
+    kwargs = {"causal": causal, "scale": scale, "window": window}
+    assert_close_to_reference(out, (q, k, v, kv_start), kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_scores_do_not_overflow(dtype):
+    # Scores of several hundred: the online softmax must subtract maxima, never exponentiate raw.
+    gen = torch.Generator().manual_seed(0)
+    q = randn(2, 4, 3, 64, dtype=dtype, gen=gen) * 8
+    k = randn(2, 2, 150, 64, dtype=dtype, gen=gen) * 8
+    v = randn(2, 2, 150, 64, dtype=dtype, gen=gen)
+    out = margingate.attention(q, k, v)
+    assert torch.isfinite(out).all()
+    # Scores of ~100 magnify fp32 rounding of the dot products; ours is one fma chain over D (the
+    # contract's order) where torch's matmul sums in blocks, so allow 4x torch's error here.
+    assert_close_to_reference(out, (q, k, v), {}, factor=4.0)
+
+
+# ----------------------------------------------------------------------------- invariances
+def _inputs(dtype, B, Hq, Hkv, Tq, Tk, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        randn(B, Hq, Tq, D, dtype=dtype, gen=gen),
+        randn(B, Hkv, Tk, D, dtype=dtype, gen=gen),
+        randn(B, Hkv, Tk, D, dtype=dtype, gen=gen),
+    )
+
+
+invariance_cases = st.tuples(
+    st.sampled_from(DTYPES),
+    st.sampled_from([(4, 1), (4, 2), (6, 3), (8, 8)]),  # (Hq, Hkv)
+    st.sampled_from([7, 64, 128, 200]),  # D
+    st.integers(1, 300),  # valid keys L
+    st.one_of(st.none(), st.integers(1, 100)),  # window
+    st.integers(0, 2**31 - 1),
+)
+
+
+@settings(max_examples=20, deadline=None)
+@given(invariance_cases, st.integers(2, 9), st.data())
+def test_batch_invariance(case, B, data):
+    dtype, (Hq, Hkv), D, L, window, seed = case
+    Tq = data.draw(st.integers(1, min(L, 70)))
+    q, k, v = _inputs(dtype, B, Hq, Hkv, Tq, L + 40, D, seed)
+    kv_start = torch.tensor(data.draw(st.lists(st.integers(0, 40), min_size=B, max_size=B)))
+    batched = margingate.attention(q, k, v, kv_start, window=window)
+    b = data.draw(st.integers(0, B - 1))
+    alone = margingate.attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], kv_start[b : b + 1], window=window)
+    assert same_bits(batched[b : b + 1], alone)
+
+
+@settings(max_examples=20, deadline=None)
+@given(invariance_cases, st.integers(0, 150), st.integers(0, 150))
+def test_padding_and_capacity_invariance(case, pad_a, pad_b):
+    # The same L valid keys left-padded by pad_a (contiguous) or by pad_b inside a bigger cache
+    # (a strided view of its first pad_b + L columns): identical outputs.
+    dtype, (Hq, Hkv), D, L, window, seed = case
+    Tq = min(L, 5)
+    q, k, v = _inputs(dtype, 1, Hq, Hkv, Tq, L, D, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def padded(x, pad, extra):
+        junk = randn(1, Hkv, pad + L + extra, D, dtype=dtype, gen=gen) * 100
+        junk[:, :, pad : pad + L] = x
+        return junk[:, :, : pad + L]
+
+    out_a = margingate.attention(
+        q, padded(k, pad_a, 0), padded(v, pad_a, 0), torch.tensor([pad_a]), window=window
+    )
+    out_b = margingate.attention(
+        q, padded(k, pad_b, 33), padded(v, pad_b, 33), torch.tensor([pad_b], dtype=torch.int32), window=window
+    )
+    assert same_bits(out_a, out_b)
+
+
+@settings(max_examples=15, deadline=None)
+@given(invariance_cases, st.data())
+def test_query_count_invariance(case, data):
+    # A prefill of Tq queries, a replay of a window of them and single decode steps agree.
+    dtype, (Hq, Hkv), D, L, window, seed = case
+    B = 2
+    Tq = data.draw(st.integers(1, min(L, 140)))
+    q, k, v = _inputs(dtype, B, Hq, Hkv, Tq, L, D, seed)
+    kv_start = torch.tensor([0, data.draw(st.integers(0, L))])
+    prefill = margingate.attention(q, k, v, kv_start, window=window)
+    j0 = data.draw(st.integers(0, Tq - 1))
+    j1 = data.draw(st.integers(j0 + 1, Tq))
+    end = L - Tq + j1  # keys that exist when query j1 - 1 is the newest
+    # (a row whose kv_start lies beyond the keys that exist yet has no visible key either way)
+    replay = margingate.attention(
+        q[:, :, j0:j1], k[:, :, :end], v[:, :, :end], kv_start.clamp(max=end), window=window
+    )
+    assert same_bits(replay, prefill[:, :, j0:j1])
+    for j in {j0, j1 - 1}:
+        end = L - Tq + j + 1
+        step = margingate.attention(
+            q[:, :, j : j + 1], k[:, :, :end], v[:, :, :end], kv_start.clamp(max=end), window=window
+        )
+        assert same_bits(step, prefill[:, :, j : j + 1])
+
+
+@settings(max_examples=15, deadline=None)
+@given(invariance_cases, st.data())
+def test_kv_rows_gather_invariance(case, data):
+    dtype, (Hq, Hkv), D, L, window, seed = case
+    Bkv = 5
+    B = data.draw(st.integers(1, 4))
+    Tq = data.draw(st.integers(1, min(L, 8)))
+    _, k, v = _inputs(dtype, Bkv, Hq, Hkv, Tq, L, D, seed)
+    q = _inputs(dtype, B, Hq, Hkv, Tq, 1, D, seed + 1)[0]
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, Bkv - 1), min_size=B, max_size=B)))
+    kv_start = torch.tensor(data.draw(st.lists(st.integers(0, L), min_size=B, max_size=B)))
+    gathered = margingate.attention(q, k, v, kv_start, rows, window=window)
+    direct = margingate.attention(q, k[rows], v[rows], kv_start, window=window)
+    assert same_bits(gathered, direct)
+    assert_close_to_reference(gathered, (q, k, v, kv_start, rows), {"window": window})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_thread_count_invariance(dtype):
+    # One thread (no chunk split) and all threads (decode of one row splits its chunks).
+    q, k, v = _inputs(dtype, 1, 8, 2, 1, 1500, 64, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = margingate.attention(q, k, v)
+        torch.set_num_threads(max(2, threads))
+        many = margingate.attention(q, k, v)
+    finally:
+        torch.set_num_threads(threads)
+    assert same_bits(one, many)
+
+
+_SIMD_SCRIPT = """
+import sys, torch, margingate
+torch.manual_seed(0)
+outs = []
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    q = torch.randn(2, 6, 70, 40).to(dtype)
+    k = torch.randn(2, 3, 150, 40).to(dtype)
+    v = torch.randn(2, 3, 150, 40).to(dtype)
+    outs.append(margingate.attention(q, k, v, torch.tensor([0, 37])))
+    outs.append(margingate.attention(q, k, v, torch.tensor([5, 0]), window=50))
+torch.save(outs, sys.argv[1])
+"""
+
+
+def test_simd_levels_agree(tmp_path):
+    # The scalar path performs the AVX-512 path's operations lane by lane: same bits.
+    if margingate.build_info()["simd_supported"] == "scalar":
+        pytest.skip("no SIMD level to compare with")
+    results = {}
+    for level in ("scalar", margingate.build_info()["simd_supported"]):
+        path = tmp_path / f"{level}.pt"
+        env = dict(os.environ, MARGINGATE_SIMD=level)
+        subprocess.run([sys.executable, "-c", _SIMD_SCRIPT, str(path)], check=True, env=env)
+        results[level] = torch.load(path)
+    a, b = results.values()
+    assert all(same_bits(x, y) for x, y in zip(a, b, strict=True))
+
+
+# ----------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_queries_are_zero(dtype):
+    q, k, v = _inputs(dtype, 3, 4, 2, 4, 10, 16, 0)
+    out = margingate.attention(q, k, v, torch.tensor([10, 0, 8]))
+    assert same_bits(out[0], torch.zeros_like(out[0]))  # kv_start == Tk: no valid key
+    assert not torch.equal(out[1, :, -1], torch.zeros_like(out[1, :, -1]))
+    assert same_bits(out[2, :, :1], torch.zeros_like(out[2, :, :1]))  # query at p=6 < kv_start=8
+    # More queries than keys: the first ones sit before position 0.
+    q2 = _inputs(dtype, 1, 4, 2, 6, 1, 16, 1)[0]
+    out2 = margingate.attention(q2, k[:1, :, :3], v[:1, :, :3])
+    assert same_bits(out2[:, :, :3], torch.zeros_like(out2[:, :, :3]))
+    assert_close_to_reference(out2, (q2, k[:1, :, :3], v[:1, :, :3]), {})
+    # No keys at all.
+    empty_kv = margingate.attention(q, k[:, :, :0], v[:, :, :0])
+    assert same_bits(empty_kv, torch.zeros_like(empty_kv))
+
+
+def test_empty_batch_and_empty_queries():
+    q, k, v = _inputs(torch.bfloat16, 0, 4, 2, 3, 10, 16, 0)
+    assert margingate.attention(q, k, v).shape == (0, 4, 3, 16)
+    q, k, v = _inputs(torch.bfloat16, 2, 4, 2, 0, 10, 16, 0)
+    assert margingate.attention(q, k, v).shape == (2, 4, 0, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    q, k, v = _inputs(dtype, 2, 4, 2, 3, 20, 16, 0)
+    samples = [
+        ((q, k, v), {}),
+        ((q, k, v, torch.tensor([0, 5])), {"window": 4}),
+        ((q, k, v, None, torch.tensor([1, 1], dtype=torch.int32)), {"causal": False, "scale": 0.5}),
+    ]
+    for args, kwargs in samples:
+        torch.library.opcheck(torch.ops.margingate.attention.default, args, kwargs)
+
+
+def _bad_inputs():
+    q, k, v = _inputs(torch.float32, 2, 4, 2, 3, 10, 16, 0)
+    return [
+        ((q[0], k, v), {}, "q must be 4-D"),
+        ((q, k, v[:, :, :5]), {}, "same shape"),
+        ((q[:, :3], k, v), {}, "multiple of the number of kv heads"),
+        ((q, k.to(torch.bfloat16), v), {}, "one dtype"),
+        ((q.to(torch.int32), k.to(torch.int32), v.to(torch.int32)), {}, "must be float32"),
+        ((q[..., :8], k, v), {}, "head_dim"),
+        ((q, k[:1], v[:1]), {}, "pass kv_rows"),
+        ((q, k, v, torch.tensor([0, 11])), {}, "out of range"),
+        ((q, k, v, torch.tensor([-1, 0])), {}, "out of range"),
+        ((q, k, v, torch.tensor([0.0, 1.0])), {}, "int32 or int64"),
+        ((q, k, v, torch.tensor([0, 1, 2])), {}, "kv_start must have shape"),
+        ((q, k, v, None, torch.tensor([0, 2])), {}, "out of range"),
+        ((q, k, v), {"window": 0}, "window must be >= 1"),
+        ((q, k, v), {"window": 3, "causal": False}, "requires causal=True"),
+    ]
+
+
+@pytest.mark.parametrize("args, kwargs, message", _bad_inputs())
+def test_bad_input_raises(args, kwargs, message):
+    with pytest.raises((RuntimeError, ValueError, TypeError, IndexError), match=message):
+        margingate.attention(*args, **kwargs)
+
+
+def test_head_dim_limit():
+    q = torch.randn(1, 1, 1, 257)
+    with pytest.raises(RuntimeError, match="head_dim must be in"):
+        margingate.attention(q, q, q)
