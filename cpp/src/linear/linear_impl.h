@@ -60,11 +60,11 @@ namespace margingate::linear_impl {
 // function computes every element of it with the same fixed K-reduction, so none of this
 // changes a bit of the result.
 //
-// tile(m0, rows, n0, cols) computes output rows [m0, m0+rows) x columns [n0, n0+cols), with
-// rows <= mr and cols <= nr.
-template <typename TileFn>
-void run_tiles(const Problem& p, const Parallel& parallel, int64_t mr, int64_t nr, int64_t m_block,
-               TileFn&& tile) {
+// block(m_lo, m_hi, n0, cols) computes output rows [m_lo, m_hi) (at most m_block, a multiple of
+// mr except at the end) x columns [n0, n0+cols), cols <= nr.
+template <typename BlockFn>
+void run_blocks(const Problem& p, const Parallel& parallel, int64_t mr, int64_t nr, int64_t m_block,
+                BlockFn&& block) {
   const int64_t panels = (p.N + nr - 1) / nr;
   const int64_t m_tiles = (p.M + mr - 1) / mr;
   const int64_t threads = parallel.num_threads < 1 ? 1 : parallel.num_threads;
@@ -85,12 +85,22 @@ void run_tiles(const Problem& p, const Parallel& parallel, int64_t mr, int64_t n
       for (int64_t mb = m_lo; mb < m_hi; mb += m_block) {
         const int64_t mb_end = std::min(m_hi, mb + m_block);
         for (int64_t panel = pb; panel < pe; ++panel) {
-          const int64_t n0 = panel * nr, cols = std::min(nr, p.N - n0);
-          for (int64_t m0 = mb; m0 < mb_end; m0 += mr) tile(m0, std::min(mr, mb_end - m0), n0, cols);
+          const int64_t n0 = panel * nr;
+          block(mb, mb_end, n0, std::min(nr, p.N - n0));
         }
       }
       i += pe - pb;
     }
+  });
+}
+
+// tile(m0, rows, n0, cols) computes output rows [m0, m0+rows) x columns [n0, n0+cols), with
+// rows <= mr and cols <= nr.
+template <typename TileFn>
+void run_tiles(const Problem& p, const Parallel& parallel, int64_t mr, int64_t nr, int64_t m_block,
+               TileFn&& tile) {
+  run_blocks(p, parallel, mr, nr, m_block, [&](int64_t m_lo, int64_t m_hi, int64_t n0, int64_t cols) {
+    for (int64_t m0 = m_lo; m0 < m_hi; m0 += mr) tile(m0, std::min(mr, m_hi - m0), n0, cols);
   });
 }
 
