@@ -56,11 +56,21 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def common(tiny, *extra: str) -> list[str]:
+def common(tiny, *extra: str, batch_sizes: str = "1,3,8") -> list[str]:
     return [
         "--model", str(tiny["model"]), "--prompts", str(tiny["prompts"]), "--max-new-tokens", str(NEW_TOKENS),
-        "--batch-sizes", "1,3,8", "--quiet", *extra,
+        "--batch-sizes", batch_sizes, "--quiet", *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process runs cannot get the CLI's passive OpenMP restart; on a shared 2-core machine spinning
+    OpenMP threads make every small op ~100x slower, so these tests run torch on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def read_png(path: Path):
@@ -200,6 +210,9 @@ def test_check_report_fields(check_report):
         assert set(p["per_config"]) == {"1", "3", "8"}
         if name == "off":
             assert p["verified"] == 0 and p["latency_increment_s"] == 0
+        # Every non-identical prompt diverges in at least one of the 2 batched configurations, at most in both.
+        differing = NUM_PROMPTS - p["identical"]
+        assert differing <= len(p["divergences"]) == p["flips"] <= 2 * differing
     # always verifies every step (its prefill is canonical, so the first step needs no verification).
     always = report["policies"]["always"]
     assert always["verified"] >= always["steps"] - 3 * NUM_PROMPTS
@@ -331,6 +344,7 @@ def test_subprocess_console_entry(tiny, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(margingate.__file__).parent.parent), env.get("PYTHONPATH", "")]
     )
+    env.update(OMP_NUM_THREADS="1", MARGINGATE_NO_REEXEC="1")  # see one_thread(); no restart needed
     report_path = tmp_path / "flips.json"
     proc = subprocess.run(
         [sys.executable, "-m", "margingate", "flips", *common(tiny, "--json", str(report_path))],
@@ -426,3 +440,18 @@ def test_prompt_files(tmp_path):
 def test_json_reports_have_no_nan(tmp_path):
     cli._write_json(str(tmp_path / "r.json"), {"a": math.nan, "b": [math.inf, 1.0]})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [None, 1.0]}
+
+
+def test_restart_with_passive_openmp_only_when_unset(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((argv, env)))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("MARGINGATE_NO_REEXEC", raising=False)
+    cli._reexec_with_passive_openmp(["check", "--limit", "2"])
+    cli._reexec_with_passive_openmp(["bench"])  # benchmarks keep the user's environment
+    assert len(calls) == 1
+    argv, env = calls[0]
+    assert argv[1:] == ["-m", "margingate", "check", "--limit", "2"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
+    cli._reexec_with_passive_openmp(["check"])
+    assert len(calls) == 1
