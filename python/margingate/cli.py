@@ -328,7 +328,7 @@ def _load_model(args: argparse.Namespace):
         raise UsageError(f"cannot load model {args.model or 'default'}: {_one_line(err)}") from None
     _say(
         args,
-        f"model: {name} ({_model_type(model)}, {args.dtype}) loaded in {time.perf_counter() - started:.1f} s",
+        f"model: {name}, {_model_type(model)}, {args.dtype}, loaded in {time.perf_counter() - started:.1f} s",
     )
     return model, tokenizer, name
 
@@ -707,7 +707,7 @@ def write_plot(
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("fast-path top-1/top-2 logit margin")
+    ax.set_xlabel(f"fast-path top-1/top-2 logit margin (exact ties plotted at {floor:g})")
     ax.set_ylabel("decode steps")
     ax.set_title(title)
     ax.legend()
@@ -1085,8 +1085,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         if p in per_policy:
             e = per_policy[p]
             verdict = "deterministic" if e["deterministic"] else "NOT deterministic"
+            where = ""
+            if e["divergences"]:
+                where = "; diverged: " + ", ".join(
+                    f"prompt {d['prompt']} step {d['step']} ({_config_name(d['batch_size'])})"
+                    for d in e["divergences"]
+                )
             print(
-                f"{p}: {verdict} ({e['identical']}/{n} prompts identical), trigger rate {_pct(e['trigger_rate'])}"
+                f"{p}: {verdict} ({e['identical']}/{n} prompts identical), trigger rate "
+                f"{_pct(e['trigger_rate'])}{where}"
             )
     elapsed = time.perf_counter() - started
     _say(args, f"decoding took {elapsed:.0f} s")
