@@ -41,13 +41,14 @@ from margingate.generation import default_threshold  # noqa: E402
 COUNTERFACTUAL_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 
-def load_prompts(count: int) -> list[str]:
-    """``count`` prompts, interleaving the math, code and chat sets (so any prefix mixes all three)."""
+def load_prompts(count: int, offset: int = 0) -> list[str]:
+    """``count`` prompts from ``offset`` on, interleaving the math, code and chat sets (so any
+    range mixes all three)."""
     sets = [margingate.prompt_sets.load(name) for name in ("math", "code", "chat")]
     mixed = [p for group in zip(*sets, strict=False) for p in group]
-    if count > len(mixed):
-        raise SystemExit(f"bench_generation: only {len(mixed)} built-in prompts, asked for {count}")
-    return mixed[:count]
+    if offset + count > len(mixed):
+        raise SystemExit(f"bench_generation: only {len(mixed)} built-in prompts, asked for {offset}+{count}")
+    return mixed[offset : offset + count]
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -60,13 +61,35 @@ def main() -> None:
     )
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="16,8,1", help="comma-separated; the first is run first")
+    parser.add_argument("--batch-sizes", default="16,8,1", help="comma-separated, run in this order")
     parser.add_argument("--policies", default="off,margin,always", help="comma-separated, must include off")
     parser.add_argument(
         "--threshold", type=float, default=None, help="margin threshold (default: calibrated)"
     )
-    parser.add_argument("--json", default=None, help="write every sequence, statistic and time here")
+    parser.add_argument("--json", default=None, help="checkpoint every sequence, statistic and time here")
+    parser.add_argument("--prompt-offset", type=int, default=0, help="skip this many prompts of the mix")
+    parser.add_argument(
+        "--report", nargs="+", default=None, help="only report (partial) --json files, concatenated"
+    )
     args = parser.parse_args()
+    if args.report:
+        config, runs = None, None
+        for path in args.report:  # runs over disjoint prompt ranges, each timed in its own run
+            saved = json.loads(Path(path).read_text())
+            part = {p: {int(bs): r for bs, r in by_bs.items()} for p, by_bs in saved["runs"].items()}
+            if config is None:
+                config, runs = saved["config"], part
+                continue
+            config["prompts"] += saved["config"]["prompts"]
+            for p, by_bs in part.items():
+                for bs, r in by_bs.items():
+                    mine = runs[p][bs]
+                    for key in ("sequences", "rows", "margins"):
+                        mine[key] += r[key]
+                    mine["wall"] += r["wall"]
+                    mine["cpu"] += r["cpu"]
+        report(config, runs)
+        return
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     policies = args.policies.split(",")
     if "off" not in policies:
@@ -75,17 +98,30 @@ def main() -> None:
     t_load = time.perf_counter()
     model, tokenizer = margingate.load_default_model(torch.bfloat16, progress=False)
     threshold = default_threshold(model) if args.threshold is None else args.threshold
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts, args.prompt_offset)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    n = len(prompts)
+    config = {
+        "model": "gemma3-270m",
+        "dtype": "bfloat16",
+        "threads": torch.get_num_threads(),
+        "prompts": n,
+        "prompt_offset": args.prompt_offset,
+        "prompt_tokens": [len(e) for e in encoded],
+        "new_tokens": args.new_tokens,
+        "batch_sizes": batch_sizes,
+        "policies": policies,
+        "threshold": threshold,
+        "build": margingate.build_info(),
+    }
     print(
         f"# Gemma 3 270M ({model.config.model_type}, bf16, {torch.get_num_threads()} threads), "
-        f"{len(prompts)} prompts ({min(map(len, encoded))}-{max(map(len, encoded))} tokens), "
+        f"{n} prompts ({min(map(len, encoded))}-{max(map(len, encoded))} tokens), "
         f"{args.new_tokens} new tokens, batch sizes {batch_sizes}, policies {policies}, "
         f"margin threshold {threshold}; loaded in {time.perf_counter() - t_load:.1f} s",
         flush=True,
     )
 
-    n = len(prompts)
     runs: dict[str, dict[int, dict]] = {
         p: {
             b: {"sequences": [None] * n, "rows": [None] * n, "margins": [None] * n, "wall": 0.0, "cpu": 0.0}
@@ -124,137 +160,122 @@ def main() -> None:
                 f"  batch {bs}: {c + 1}/{len(chunks)} batches done, {time.perf_counter() - t_start:.0f} s elapsed",
                 flush=True,
             )
+            if args.json:
+                Path(args.json).write_text(json.dumps({"config": config, "runs": runs}))
+    report(config, runs)
 
-    # ---------------------------------------------------------------- report
+
+def report(config: dict, runs: dict) -> None:
+    batch_sizes, policies = config["batch_sizes"], config["policies"]
+    # Timed requests: within one batch size every policy decoded the same batches (a checkpoint
+    # is written only after all policies finished a batch), so per-batch-size increments compare
+    # like with like even in a partial run. Determinism counts prompts done in every batch size.
+    done = [
+        i
+        for i in range(config["prompts"])
+        if all(runs[p][bs]["sequences"][i] is not None for p in policies for bs in batch_sizes)
+    ]
     ref_bs = min(batch_sizes)
-    rows = []
+    print(
+        f"\n# {config['prompts']} prompts x {config['new_tokens']} new tokens, batch sizes {batch_sizes}; "
+        f"determinism over the {len(done)} prompts decoded in every batch size"
+    )
+
+    def rows_of(policy, bs):
+        return [r for r in runs[policy][bs]["rows"] if r is not None]
+
     summary: dict[str, dict] = {}
+    table = []
     for policy in policies:
         seqs = {bs: runs[policy][bs]["sequences"] for bs in batch_sizes}
-        identical = sum(all(seqs[bs][i] == seqs[ref_bs][i] for bs in batch_sizes) for i in range(n))
-        all_rows = [row for bs in batch_sizes for row in runs[policy][bs]["rows"]]
+        identical = sum(all(seqs[bs][i] == seqs[ref_bs][i] for bs in batch_sizes) for i in done)
+        all_rows = [r for bs in batch_sizes for r in rows_of(policy, bs)]
         steps = sum(r["steps"] for r in all_rows)
         verified = sum(r["verified"] for r in all_rows)
         repairs = sum(r["repairs"] for r in all_rows)
-        repair_margins = [m for r in all_rows for m in r["repair_margins"]]
-        row = {
-            "policy": policy,
-            "determinism": f"{identical}/{n}",
+        row = {"policy": policy, "identical_all": f"{identical}/{len(done)}"}
+        # Pairwise, over the prompts both batch sizes finished (all of them after a full run).
+        for a_i, a in enumerate(batch_sizes):
+            for b in batch_sizes[a_i + 1 :]:
+                both = [
+                    i for i in range(config["prompts"]) if seqs[a][i] is not None and seqs[b][i] is not None
+                ]
+                same = sum(seqs[a][i] == seqs[b][i] for i in both)
+                row[f"b{a}=b{b}"] = f"{same}/{len(both)}"
+        row |= {
             "trigger_rate": verified / steps if steps else 0.0,
             "verified": verified,
             "repairs": repairs,
         }
         for bs in batch_sizes:
-            row[f"wall_b{bs}_s"] = runs[policy][bs]["wall"]
-        row["wall_total_s"] = sum(runs[policy][bs]["wall"] for bs in batch_sizes)
-        row["cpu_total_s"] = sum(runs[policy][bs]["cpu"] for bs in batch_sizes)
-        rows.append(row)
-        summary[policy] = {
-            **row,
-            "identical": identical,
-            "steps": steps,
-            "repair_margins": repair_margins,
-            "per_batch_size": {
-                bs: {
-                    "wall_s": runs[policy][bs]["wall"],
-                    "cpu_s": runs[policy][bs]["cpu"],
-                    "steps": sum(r["steps"] for r in runs[policy][bs]["rows"]),
-                    "verified": sum(r["verified"] for r in runs[policy][bs]["rows"]),
-                    "repairs": sum(r["repairs"] for r in runs[policy][bs]["rows"]),
-                }
-                for bs in batch_sizes
-            },
-        }
-    print("\n## determinism, verification and time per policy")
-    print_table(rows)
+            row[f"b{bs}_wall_s"] = runs[policy][bs]["wall"]
+        row["wall_s"] = sum(runs[policy][bs]["wall"] for bs in batch_sizes)
+        row["cpu_s"] = sum(runs[policy][bs]["cpu"] for bs in batch_sizes)
+        table.append(row)
+        summary[policy] = {**row, "repair_margins": [m for r in all_rows for m in r["repair_margins"]]}
+    print("\n## sequence-level determinism, verification and time per policy")
+    print_table(table)
 
-    base = summary["off"]
-    incr_rows = []
+    increments = {}
+    table = []
     for policy in policies:
         if policy == "off":
             continue
-        r = {"policy": policy}
+        row = {"policy": policy}
         for bs in batch_sizes:
-            r[f"incr_b{bs}_s"] = runs[policy][bs]["wall"] - runs["off"][bs]["wall"]
-        r["incr_wall_s"] = summary[policy]["wall_total_s"] - base["wall_total_s"]
-        r["incr_cpu_s"] = summary[policy]["cpu_total_s"] - base["cpu_total_s"]
-        r["incr_wall_%"] = 100 * r["incr_wall_s"] / base["wall_total_s"]
-        incr_rows.append(r)
-        summary[policy]["increment"] = r
-    print("\n## latency increment over off (same requests, same run)")
-    print_table(incr_rows)
-    if "margin" in summary and "always" in summary:
-        ratios = {}
-        for key in ["incr_wall_s", "incr_cpu_s"] + [f"incr_b{bs}_s" for bs in batch_sizes]:
-            im, ia = summary["margin"]["increment"][key], summary["always"]["increment"][key]
-            ratios[key] = ia / im if im > 0 else float("inf")
-        print(
-            "\nincrement(always) / increment(margin): "
-            + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
-        )
-        summary["ratio_always_over_margin"] = ratios
+            row[f"b{bs}_incr_s"] = runs[policy][bs]["wall"] - runs["off"][bs]["wall"]
+        row["wall_incr_s"] = summary[policy]["wall_s"] - summary["off"]["wall_s"]
+        row["wall_incr_%"] = 100 * row["wall_incr_s"] / summary["off"]["wall_s"]
+        row["cpu_incr_s"] = summary[policy]["cpu_s"] - summary["off"]["cpu_s"]
+        table.append(row)
+        increments[policy] = row
+    print("\n## latency increment over off (same requests, same run, interleaved)")
+    print_table(table)
+    if "margin" in increments and "always" in increments:
+        parts = []
+        for key in ["wall_incr_s", "cpu_incr_s"] + [f"b{bs}_incr_s" for bs in batch_sizes]:
+            im, ia = increments["margin"][key], increments["always"][key]
+            parts.append(f"{key} {ia / im:.2f}x" if im > 0 else f"{key} n/a (margin increment {im:.1f} s)")
+        print("\nincrement(always) / increment(margin): " + ", ".join(parts))
 
-    # off: flips against the smallest batch size, their margins, and what each threshold would cost.
+    # off: first divergences from the smallest batch size, with the fast margins where they happened.
     flips = []
     for bs in batch_sizes:
         if bs == ref_bs:
             continue
-        for i in range(n):
+        for i in done:
             d = first_divergence(runs["off"][ref_bs]["sequences"][i], runs["off"][bs]["sequences"][i])
             if d is not None:
                 flips.append(
-                    {
-                        "batch": bs,
-                        "prompt": i,
-                        "step": d,
-                        "margin_ref": runs["off"][ref_bs]["margins"][i][d],
-                        "margin_batched": runs["off"][bs]["margins"][i][d],
-                    }
+                    (bs, i, d, runs["off"][ref_bs]["margins"][i][d], runs["off"][bs]["margins"][i][d])
                 )
-    decode_steps = sum(r["steps"] for bs in batch_sizes if bs != ref_bs for r in runs["off"][bs]["rows"])
-    print(
-        f"\noff: {len(flips)} first divergences vs batch {ref_bs} over {decode_steps} batched decode steps "
-        f"(flip rate {len(flips) / max(decode_steps, 1):.4f})"
+    batched_steps = sum(
+        runs["off"][bs]["rows"][i]["steps"] for bs in batch_sizes if bs != ref_bs for i in done
     )
-    for f in flips:
+    print(
+        f"\noff: {len(flips)} sequences diverge from batch {ref_bs} (flip rate {len(flips) / max(batched_steps, 1):.4f}"
+        f" of {batched_steps} batched decode steps)"
+    )
+    for bs, i, d, m_ref, m_bs in flips:
         print(
-            f"  batch {f['batch']} prompt {f['prompt']} step {f['step']}: fast margin {f['margin_ref']:.4f} "
-            f"(batch {ref_bs}) / {f['margin_batched']:.4f} (batch {f['batch']})"
+            f"  batch {bs}, prompt {i}, step {d}: fast margin {m_ref:.4f} (batch {ref_bs}) / {m_bs:.4f} (batch {bs})"
         )
-    margins = torch.tensor([m for bs in batch_sizes for row in runs["off"][bs]["margins"] for m in row])
-    cf = {t: float((~(margins >= t)).float().mean()) for t in COUNTERFACTUAL_THRESHOLDS}
-    print(
-        "off: share of decode steps below a threshold (the margin policy's trigger rate it would give): "
-        + ", ".join(f"{t}: {v:.3f}" for t, v in cf.items())
+    margins = torch.tensor(
+        [m for bs in batch_sizes for row in runs["off"][bs]["margins"] if row is not None for m in row]
     )
-    print(f"off: median fast-path margin {float(margins.median()):.3f}")
-    if "margin" in summary:
-        rm = summary["margin"]["repair_margins"]
-        if rm:
-            print(
-                f"margin: {len(rm)} repairs at fast margins median {statistics.median(rm):.4f}, max {max(rm):.4f}"
-            )
-
-    if args.json:
-        out = {
-            "config": {
-                "model": "gemma3-270m",
-                "dtype": "bfloat16",
-                "threads": torch.get_num_threads(),
-                "prompts": n,
-                "new_tokens": args.new_tokens,
-                "batch_sizes": batch_sizes,
-                "policies": policies,
-                "threshold": threshold,
-                "build": margingate.build_info(),
-            },
-            "summary": summary,
-            "off_flips": flips,
-            "counterfactual_trigger_rates": cf,
-            "sequences": {p: {bs: runs[p][bs]["sequences"] for bs in batch_sizes} for p in policies},
-        }
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
-        print(f"wrote {args.json}")
+    if margins.numel():
+        shares = ", ".join(
+            f"<{t}: {float((~(margins >= t)).float().mean()):.3f}" for t in COUNTERFACTUAL_THRESHOLDS
+        )
+        print(
+            f"off: median fast margin {float(margins.median()):.3f}; share of steps below a threshold: {shares}"
+        )
+    repair_margins = summary.get("margin", {}).get("repair_margins")
+    if repair_margins:
+        print(
+            f"margin: {len(repair_margins)} repairs at fast margins median "
+            f"{statistics.median(repair_margins):.4f}, max {max(repair_margins):.4f}"
+        )
 
 
 if __name__ == "__main__":
