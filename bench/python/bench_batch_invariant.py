@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (both paths)")
     parser.add_argument("--row-ops", action="store_true", help="run the row-op measurement instead")
     parser.add_argument(
         "--dims",
@@ -203,6 +204,8 @@ def main() -> None:
         default=[16, 64, 100, 640, 1000, 2048, 262144],
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.row_ops:
         measure_row_ops(args)
     else:
