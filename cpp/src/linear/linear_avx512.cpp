@@ -12,6 +12,11 @@
 // rows stay in L1.
 #include <immintrin.h>
 
+// GCC 12's avx512fintrin.h builds _mm512_setzero_ps & co. from a self-initialised variable and
+// then warns about it (-Wuninitialized) once per template instance; the warning is about the
+// header, not this file.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 #include <array>
 #include <utility>
 
@@ -133,7 +138,6 @@ void tile(const void* xv, int64_t xs, const void* wv, int64_t ws, int64_t K, flo
     for (int a = 0; a < 16; ++a) group[a] = g + a < MR * NR ? acc[g + a] : _mm512_setzero_ps();
     float s[16];
     reduce16(group, s);
-#pragma GCC unroll 16
     for (int a = 0; a < 16 && g + a < MR * NR; ++a) sums[g + a] = s[a];
   }
 }
