@@ -103,7 +103,7 @@ def test_rows_invariant_and_accurate(M, K, N, dtype, x_layout, w_layout, with_bi
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,N", [(640, 67), (2048, 40), (1536, 96)])
+@pytest.mark.parametrize("K,N", [(640, 67), (2048, 40), (1536, 96), (4099, 13)])
 def test_model_shapes_every_batch_size(dtype, K, N):
     """The decode/prefill regime of real layers: batches of 1, 4, 16, 64 and 130 rows share
     their rows bit for bit (different tile shapes, edge tiles and thread splits)."""
