@@ -97,12 +97,18 @@ def main():
 
     if not args.decode_only:
         rows = []
-        shapes = [(1, 32, 8, 128)] if args.quick else [(1, 32, 8, 128), (1, 8, 1, 64), (1, 8, 1, 256), (2, 16, 4, 64)]
+        shapes = (
+            [(1, 32, 8, 128)]
+            if args.quick
+            else [(1, 32, 8, 128), (1, 8, 1, 64), (1, 8, 1, 256), (2, 16, 4, 64)]
+        )
         for B, Hq, Hkv, D in shapes:
             rows.append(run_case(B, Hq, Hkv, 1024, 1024, D, dtype, repeats))
         print("\nprefill (Tq=Tk=1024, causal):")
         print_table(rows)
-        print(f"prefill geomean speed vs SDPA: {geomean([r['speed_vs_sdpa'] for r in rows]):.2f}x (target >= 0.5)")
+        print(
+            f"prefill geomean speed vs SDPA: {geomean([r['speed_vs_sdpa'] for r in rows]):.2f}x (target >= 0.5)"
+        )
 
 
 if __name__ == "__main__":

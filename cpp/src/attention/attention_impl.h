@@ -1,6 +1,6 @@
 // Internal to the attention kernels: the canonical arithmetic shared by every SIMD level, and the
 // interface between the driver (attention.cpp: grouping, threads, conversions) and the per-level
-// chunk kernels (attention.cpp scalar, attention_avx512.cpp).
+// chunk kernels (attention.cpp scalar, attention_avx2.cpp, attention_avx512.cpp).
 //
 // The canonical arithmetic (each SIMD level performs exactly these IEEE fp32 operations, so the
 // scalar and AVX-512 paths agree bit for bit; see the invariance argument in attention.cpp):
@@ -99,6 +99,7 @@ struct Kernels {
 };
 
 const Kernels& kernels_scalar();
+const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
 
 // Element access with element strides, for the scalar path and the driver.
