@@ -254,14 +254,30 @@ def test_thread_count_invariance(dtype):
     assert same_bits(one, many)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layout_invariance(dtype):
+    # k/v with a non-unit stride along D take the scalar kernel; q/k/v in any layout must give the
+    # same bits as contiguous copies.
+    q, k, v = _inputs(dtype, 2, 6, 3, 9, 140, 24, 5)
+    kv_start = torch.tensor([0, 17])
+    expected = margingate.attention(q, k, v, kv_start, window=100)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_s = torch.zeros(*k.shape[:3], 2 * k.shape[3], dtype=dtype)
+    k_s[..., ::2] = k
+    v_s = torch.zeros(*v.shape[:3], 2 * v.shape[3], dtype=dtype)
+    v_s[..., 1::2] = v
+    got = margingate.attention(q_t, k_s[..., ::2], v_s[..., 1::2], kv_start, window=100)
+    assert same_bits(got, expected)
+
+
 _SIMD_SCRIPT = """
 import sys, torch, margingate
 torch.manual_seed(0)
 outs = []
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    q = torch.randn(2, 6, 70, 40).to(dtype)
-    k = torch.randn(2, 3, 150, 40).to(dtype)
-    v = torch.randn(2, 3, 150, 40).to(dtype)
+    q = torch.randn(2, 6, 70, 43).to(dtype)
+    k = torch.randn(2, 3, 150, 43).to(dtype)
+    v = torch.randn(2, 3, 150, 43).to(dtype)
     outs.append(margingate.attention(q, k, v, torch.tensor([0, 37])))
     outs.append(margingate.attention(q, k, v, torch.tensor([5, 0]), window=50))
 torch.save(outs, sys.argv[1])
@@ -269,17 +285,20 @@ torch.save(outs, sys.argv[1])
 
 
 def test_simd_levels_agree(tmp_path):
-    # The scalar path performs the AVX-512 path's operations lane by lane: same bits.
-    if margingate.build_info()["simd_supported"] == "scalar":
+    # The scalar path performs the AVX2 and AVX-512 paths' operations lane by lane: same bits.
+    supported = margingate.build_info()["simd_supported"]
+    levels = ["scalar", "avx2", "avx512"]
+    levels = levels[: levels.index(supported) + 1] if supported in levels else ["scalar"]
+    if len(levels) < 2:
         pytest.skip("no SIMD level to compare with")
-    results = {}
-    for level in ("scalar", margingate.build_info()["simd_supported"]):
+    results = []
+    for level in levels:
         path = tmp_path / f"{level}.pt"
         env = dict(os.environ, MARGINGATE_SIMD=level)
         subprocess.run([sys.executable, "-c", _SIMD_SCRIPT, str(path)], check=True, env=env)
-        results[level] = torch.load(path)
-    a, b = results.values()
-    assert all(same_bits(x, y) for x, y in zip(a, b, strict=True))
+        results.append(torch.load(path))
+    for other in results[1:]:
+        assert all(same_bits(x, y) for x, y in zip(results[0], other, strict=True))
 
 
 # ----------------------------------------------------------------------------- edge cases

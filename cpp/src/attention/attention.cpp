@@ -16,7 +16,7 @@
 // alongside (groups only share loaded K/V tiles, never accumulators) or on the thread split: with
 // few groups the chunks of one query are spread over threads, but every chunk partial is then
 // stored and folded in the same order by the same combine function. The SIMD levels perform the
-// same IEEE operations lane by lane, so the scalar and AVX-512 paths agree bit for bit too.
+// same IEEE operations lane by lane, so the scalar, AVX2 and AVX-512 paths agree bit for bit too.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -157,7 +157,7 @@ struct ThreadBuffers {
   explicit ThreadBuffers(const Plan& plan) {
     const int64_t D = plan.args->D, nq = plan.nq_max;
     qf.resize(nq * D);
-    kt.resize(D * kChunk);
+    kt.resize(D * kKtStride);
     p.resize(nq * kChunk);
     m.resize(nq);
     l.resize(nq);
@@ -221,10 +221,13 @@ Status attention(const AttentionArgs& args, const Parallel& parallel) {
   if (!st.ok()) return st;
   if (args.B == 0 || args.Hq == 0 || args.Tq == 0) return Status::success();
 
-  // The AVX-512 kernel wants unit stride along D; the scalar kernel computes the same bits, so
-  // any other layout simply takes the scalar path.
+  // The SIMD kernels want unit stride along D; the scalar kernel computes the same bits, so any
+  // other layout simply takes the scalar path.
   const bool unit_d = args.k_stride[3] == 1 && args.v_stride[3] == 1;
-  const Kernels& kern = (simd_level() == SimdLevel::kAvx512 && unit_d) ? kernels_avx512() : kernels_scalar();
+  const SimdLevel level = unit_d ? simd_level() : SimdLevel::kScalar;
+  const Kernels& kern = level == SimdLevel::kAvx512 ? kernels_avx512()
+                        : level == SimdLevel::kAvx2 ? kernels_avx2()
+                                                    : kernels_scalar();
 
   Plan plan;
   plan.args = &args;

@@ -24,6 +24,13 @@ inline __m512 load16(const bf16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
 }
 inline __m512 load16(const fp16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+// Full-width loads: masked loads are much slower on some cores (AMD), so use them only for tails.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16_t* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+}
+inline __m512 load16(const fp16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
 inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
@@ -95,11 +102,15 @@ void transpose_keys(const Group& g, int64_t t0, int64_t t1, int nkv, float* kt) 
       __m512 r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t t = t0 + tb * 16 + i;
-        r[i] = t < t1 ? load16(base + t * a.k_stride[2] + d0, dm) : _mm512_setzero_ps();
+        if (t >= t1) {
+          r[i] = _mm512_setzero_ps();
+        } else {
+          r[i] = dm == 0xffff ? load16(base + t * a.k_stride[2] + d0) : load16(base + t * a.k_stride[2] + d0, dm);
+        }
       }
       transpose16(r);
       const int64_t rows = std::min<int64_t>(16, D - d0);
-      for (int64_t dd = 0; dd < rows; ++dd) _mm512_storeu_ps(kt + (d0 + dd) * kChunk + tb * 16, r[dd]);
+      for (int64_t dd = 0; dd < rows; ++dd) _mm512_storeu_ps(kt + (d0 + dd) * kKtStride + tb * 16, r[dd]);
     }
   }
 }
@@ -112,7 +123,7 @@ void scores_tile(const float* kt, const float* const* q, int64_t D, float c2, fl
     for (int j = 0; j < NKV; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     __m512 k[NKV];
-    for (int j = 0; j < NKV; ++j) k[j] = _mm512_loadu_ps(kt + d * kChunk + 16 * j);
+    for (int j = 0; j < NKV; ++j) k[j] = _mm512_loadu_ps(kt + d * kKtStride + 16 * j);
     for (int i = 0; i < NQ; ++i) {
       const __m512 qb = _mm512_set1_ps(q[i][d]);
       for (int j = 0; j < NKV; ++j) acc[i][j] = _mm512_fmadd_ps(qb, k[j], acc[i][j]);
@@ -146,20 +157,34 @@ ScoresFn scores_kernel(int nq, int nkv) {
 template <typename T, int NQ, int NDV>
 void pv_tile(const T* v, int64_t v_row_stride, int nmax, const float* const* p, const int* n, __mmask16 last,
              float* const* out) {
+  // Local copies so the compiler keeps all NQ x NDV accumulators in registers.
+  const float* pq[NQ];
+  int nq[NQ];
+  for (int i = 0; i < NQ; ++i) {
+    pq[i] = p[i];
+    nq[i] = n[i];
+  }
   __m512 acc[NQ][NDV];
+#pragma GCC unroll 8
   for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
     for (int j = 0; j < NDV; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int t = 0; t < nmax; ++t) {
     const T* row = v + t * v_row_stride;
     __m512 x[NDV];
-    for (int j = 0; j < NDV; ++j) x[j] = load16(row + 16 * j, j == NDV - 1 ? last : static_cast<__mmask16>(0xffff));
+#pragma GCC unroll 4
+    for (int j = 0; j < NDV; ++j) x[j] = (j < NDV - 1 || last == 0xffff) ? load16(row + 16 * j) : load16(row + 16 * j, last);
+#pragma GCC unroll 8
     for (int i = 0; i < NQ; ++i) {
-      const __mmask16 on = t < n[i] ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0);
-      const __m512 pb = _mm512_set1_ps(p[i][t]);
+      const __mmask16 on = static_cast<__mmask16>(-static_cast<int>(t < nq[i]));
+      const __m512 pb = _mm512_set1_ps(pq[i][t]);
+#pragma GCC unroll 4
       for (int j = 0; j < NDV; ++j) acc[i][j] = _mm512_mask3_fmadd_ps(pb, x[j], acc[i][j], on);
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
     for (int j = 0; j < NDV; ++j)
       _mm512_mask_storeu_ps(out[i] + 16 * j, j == NDV - 1 ? last : static_cast<__mmask16>(0xffff), acc[i][j]);
 }
@@ -184,6 +209,17 @@ PvFn<T> pv_kernel(int nq, int ndv) {
   }
 }
 
+// Decode streams K/V from memory: ask for this chunk's V rows (used after the scores) and the next
+// chunk's K rows (used by the next call) while the current chunk computes.
+template <typename T>
+void prefetch_rows(const T* base, int64_t row_stride, int64_t rows, int64_t D) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(base + r * row_stride);
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+  }
+}
+
 template <typename T>
 void chunk_avx512_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c, float* l_c, float* a_c) {
   const AttentionArgs& a = *g.args;
@@ -202,6 +238,14 @@ void chunk_avx512_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c
     ++na;
   }
   if (na == 0) return;
+
+  const T* kbase = static_cast<const T*>(a.k) + g.kv_row * a.k_stride[0] + g.kv_head * a.k_stride[1];
+  const T* vbase = static_cast<const T*>(a.v) + g.kv_row * a.v_stride[0] + g.kv_head * a.v_stride[1] + t0 * a.v_stride[2];
+  {
+    const int64_t end = g.max_hi + 1, next = std::min(t1 + kChunk, end);
+    prefetch_rows(vbase, a.v_stride[2], t1 - t0, D);
+    if (next > t1) prefetch_rows(kbase + t1 * a.k_stride[2], a.k_stride[2], next - t1, D);
+  }
 
   transpose_keys<T>(g, t0, t1, nkv, s.kt);
 
@@ -238,7 +282,6 @@ void chunk_avx512_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c
   }
 
   // p.v, 64 columns of D at a time.
-  const T* vbase = static_cast<const T*>(a.v) + g.kv_row * a.v_stride[0] + g.kv_head * a.v_stride[1] + t0 * a.v_stride[2];
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int64_t width = std::min<int64_t>(64, D - d0);
     const int ndv = static_cast<int>((width + 15) / 16);

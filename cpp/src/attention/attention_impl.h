@@ -1,6 +1,6 @@
 // Internal to the attention kernels: the canonical arithmetic shared by every SIMD level, and the
 // interface between the driver (attention.cpp: grouping, threads, conversions) and the per-level
-// chunk kernels (attention.cpp scalar, attention_avx512.cpp).
+// chunk kernels (attention.cpp scalar, attention_avx2.cpp, attention_avx512.cpp).
 //
 // The canonical arithmetic (each SIMD level performs exactly these IEEE fp32 operations, so the
 // scalar and AVX-512 paths agree bit for bit; see the invariance argument in attention.cpp):
@@ -28,6 +28,9 @@ namespace margingate::attention_impl {
 // Keys per chunk: a constant of the contract. Changing it changes results in the last bits.
 constexpr int64_t kChunk = 64;
 constexpr int64_t kMaxHeadDim = 256;
+// Floats per row of the transposed key buffer: one chunk plus 16, so that its rows do not sit 4 KiB
+// apart from the K rows being loaded (false store-to-load aliasing stalls the transposition).
+constexpr int64_t kKtStride = kChunk + 16;
 
 // log2(e): scores are kept in base 2 so each exponential is one exp2.
 constexpr double kLog2e = 1.4426950408889634;
@@ -78,7 +81,7 @@ struct Group {
 
 // Per-thread scratch, sized for one group.
 struct Scratch {
-  float* kt = nullptr;  // [D][kChunk] transposed, fp32 keys of the chunk
+  float* kt = nullptr;  // [D][kKtStride] transposed, fp32 keys of the chunk
   float* p = nullptr;   // [nq][kChunk] scores, then weights
   int* active = nullptr;  // [nq] queries that see the chunk
   int* count = nullptr;   // [nq] their keys in the chunk
@@ -96,6 +99,7 @@ struct Kernels {
 };
 
 const Kernels& kernels_scalar();
+const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
 
 // Element access with element strides, for the scalar path and the driver.
