@@ -161,7 +161,9 @@ ROW_OPS = {
     "softmax": lambda x, w: torch.softmax(x, -1),
     "log_softmax": lambda x, w: torch.log_softmax(x, -1),
     "gelu_tanh": lambda x, w: F.gelu(x, approximate="tanh"),
+    "gelu_erf": lambda x, w: F.gelu(x),
     "silu": lambda x, w: F.silu(x),
+    "erf": lambda x, w: x.erf(),
     "exp": lambda x, w: x.exp(),
     "tanh": lambda x, w: x.tanh(),
 }
