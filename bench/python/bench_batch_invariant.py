@@ -3,6 +3,8 @@
     PYTHONPATH=python:. python bench/python/bench_batch_invariant.py            # timings
     PYTHONPATH=python:. python bench/python/bench_batch_invariant.py --row-ops  # the measurement
                                                                                # behind the mode
+    PYTHONPATH=python:. python bench/python/bench_batch_invariant.py --check    # contract on the
+                                                                               # real model
 
 Timings: a prefill of ``--prompt`` tokens (batch 1, every position's logits, as a canonical
 prefill computes them), then one decode step at batch 1, 8 and 32 over that cached context.
@@ -153,6 +155,74 @@ def _row(phase: str, batch: int, context: int, t: dict[str, float]) -> dict[str,
     }
 
 
+# --------------------------------------------------------------------------- real-model checks
+CHECK_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Explain why the sky is blue in two sentences.",
+    "1 + 1 =",
+]
+
+
+def check_real_model(args) -> None:
+    """The test-suite contract on the real model: invariance (bitwise) and accuracy vs fp32."""
+    m16, tokenizer = margingate.load_default_model(dtype=torch.bfloat16, progress=False)
+    m32, _ = margingate.load_default_model(dtype=torch.float32, progress=False)
+    seqs = [tokenizer(p).input_ids for p in CHECK_PROMPTS]
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    real = mask.bool()
+    batched = margingate.canonical_forward(m16, ids, attention_mask=mask)
+    alone_ok = [
+        torch.equal(
+            margingate.canonical_forward(
+                m16, torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)
+            )[0],
+            batched[i, width - len(s) :],
+        )
+        for i, s in enumerate(seqs)
+    ]
+    cache = DynamicCache()
+    parts = [
+        margingate.canonical_forward(m16, ids[:, :-3], attention_mask=mask[:, :-3], past_key_values=cache)
+    ]
+    for j in range(width - 3, width):
+        parts.append(
+            margingate.canonical_forward(
+                m16, ids[:, j : j + 1], attention_mask=mask[:, : j + 1], past_key_values=cache
+            )
+        )
+    decode_ok = torch.equal(torch.cat(parts, 1)[real], batched[real])
+    rows = torch.tensor([2, 0])
+    verified = margingate.canonical_forward(
+        m16, ids[rows, -1:], attention_mask=mask, past_key_values=cache, rows=rows
+    )
+    rows_ok = torch.equal(verified, batched[rows, -1:])
+    with torch.no_grad():
+        positions = position_ids_from_mask(mask, width)
+        ref = m32(input_ids=ids, attention_mask=mask, position_ids=positions).logits[real].double()
+        default16 = m16(input_ids=ids, attention_mask=mask, position_ids=positions).logits[real].double()
+    canonical32 = margingate.canonical_forward(m32, ids, attention_mask=mask)[real].double()
+
+    def err(x):
+        return float((x - ref).abs().max())
+
+    def top1(x):
+        return float((x.argmax(-1) == ref.argmax(-1)).double().mean())
+
+    print(f"alone == batched (every position), per prompt: {alone_ok}")
+    print(f"prefill == prefix + token-by-token decode: {decode_ok}; rows= verifier == canonical: {rows_ok}")
+    print(
+        f"max |logit error| vs fp32 default: default bf16 {err(default16):.3g}, canonical bf16 "
+        f"{err(batched[real].double()):.3g}, canonical fp32 {err(canonical32):.3g}; top-1 agreement "
+        f"default bf16 {top1(default16):.3f}, canonical bf16 {top1(batched[real].double()):.3f}"
+    )
+
+
 # --------------------------------------------------------------------------- the measurement
 ROW_OPS = {
     "mm": lambda x, w: x @ w.T,
@@ -227,6 +297,7 @@ def main() -> None:
     parser.add_argument(
         "--cpu-time", action="store_true", help="time by process CPU time (use with --threads 1)"
     )
+    parser.add_argument("--check", action="store_true", help="invariance + accuracy on the real model")
     parser.add_argument("--row-ops", action="store_true", help="run the row-op measurement instead")
     parser.add_argument(
         "--dims",
@@ -236,7 +307,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.row_ops:
+    if args.check:
+        check_real_model(args)
+    elif args.row_ops:
         measure_row_ops(args)
     else:
         bench_model(args)
