@@ -6,8 +6,8 @@
 // fixed per SIMD level and independent of M, of the row's position, of the strides, of the tile
 // the element falls in and of the thread that computes it:
 //
-//   1. K-reduction.  A level has L lanes (avx512: 16, avx2: 8, scalar: 8 plain floats). One fp32 accumulator
-//      vector per output element starts at +0. K is walked in chunks, always from k = 0 upward in
+//   1. K-reduction.  A level has L lanes (avx512: 16, avx2: 8, scalar: 8 plain floats). One
+//      fp32 accumulator vector per output element starts at +0. K is walked in chunks, always from k = 0 upward in
 //      steps of the chunk size (avx512: 32 for bf16, 16 for fp16/fp32; avx2 and scalar: 8); a
 //      chunk updates the accumulator with ONE fixed instruction:
 //        avx512 bf16  acc = vdpbf16ps(acc, x[k:k+32], w[k:k+32])   (lane l: pairs 2l, 2l+1)
@@ -25,11 +25,14 @@
 //      shuffle network that performs, for every accumulator, precisely this tree (the slot an
 //      accumulator occupies in the network does not change its additions).
 //   3. Epilogue.  y = sum + bias[n] (one fp32 add, bias widened exactly), rounded once to the
-//      output dtype with the scalar round-to-nearest-even helpers of common.h.
+//      output dtype, round-to-nearest-even exactly as the scalar helpers of common.h (avx512
+//      stores a tile row with vector code that reproduces them bit for bit, NaN included).
 //
 // Packing (copying x or w rows that are not contiguous along K into scratch, widening fp16/bf16
-// x to fp32) changes no value, so strides cannot change the result either. Threads only decide
-// which tiles they compute (run_tiles in linear_impl.h), never how an element is computed.
+// x to fp32, avx512's chunk-interleaved copy of long x rows) changes no value, so strides and
+// layouts cannot change the result either. Threads only decide which tiles they compute
+// (run_blocks in linear_impl.h, work units taken from a shared counter), never how an element is
+// computed.
 // Different SIMD levels are different (each fixed) sequences: a process uses one level
 // (simd_level() is read once), and the tests check each level on its own.
 #include <cstring>

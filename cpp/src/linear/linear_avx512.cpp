@@ -8,8 +8,8 @@
 // Register blocking: a tile of MR rows x NR weight rows keeps MR*NR accumulators; each chunk
 // loads MR x vectors and NR weight vectors and issues MR*NR dot instructions. Every accumulator
 // sees the same chunk sequence whatever MR and NR are, so tile shape (chosen from M) is free.
-// Decode (M < 4) uses 1..3 rows x 12 weight rows: the weight streams once from memory, the x
-// rows stay in L1.
+// Prefill (M >= 4) uses 4 x 6 tiles; decode (M < 4) uses 1..3 rows x 12 weight rows: the weight
+// streams once from memory, the x rows stay in L1.
 #include <immintrin.h>
 
 // GCC 12's avx512fintrin.h builds _mm512_setzero_ps & co. from a self-initialised variable and
