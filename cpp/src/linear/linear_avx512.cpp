@@ -8,8 +8,8 @@
 // Register blocking: a tile of MR rows x NR weight rows keeps MR*NR accumulators; each chunk
 // loads MR x vectors and NR weight vectors and issues MR*NR dot instructions. Every accumulator
 // sees the same chunk sequence whatever MR and NR are, so tile shape (chosen from M) is free.
-// Prefill (M >= 4) uses 4 x 6 tiles; decode (M < 4) uses 1..3 rows x 12 weight rows: the weight
-// streams once from memory, the x rows stay in L1.
+// M >= 4 uses 4 x 6 tiles (the weight panel reused by every row tile); M < 4 uses 1..3 rows x 12
+// weight rows. Either way the weight streams from memory once per block of x rows.
 #include <immintrin.h>
 
 // GCC 12's avx512fintrin.h builds _mm512_setzero_ps & co. from a self-initialised variable and
@@ -230,8 +230,8 @@ void run(const Problem& p, const Parallel& parallel) {
   constexpr int C = Op::kChunk;
   const auto& table = Tables<Op>::rows;
   const int64_t w_esize = sizeof(typename Op::WT);
-  // Tile shape from M (free: see the header comment). Prefill: 4 x 6 (24 accumulators, 10 loads
-  // per 24 dot instructions). Decode: all rows x 12 weight rows, the weight streamed once.
+  // Tile shape from M (free: see the header comment). M >= 4: 4 x 6 (24 accumulators, 10 loads
+  // per 24 dot instructions). M < 4: all rows x 12 weight rows, the weight streamed once.
   const int64_t mr = p.M >= kMaxMr ? kMaxMr : p.M;
   const int64_t nr = p.M >= kMaxMr ? 6 : kMaxNr;
   // Rows per cache block: the x block (~512 KiB, at least 64 rows) stays in L2 while each weight
