@@ -103,9 +103,16 @@ void pack_rows_typed(const T* src, int64_t rows, int64_t cols, int64_t rs, int64
           const int64_t re = std::min(rs1, rb + kB);
           for (int64_t cb = cs0; cb < cs1; cb += kB) {
             const int64_t ce = std::min(cs1, cb + kB);
-            if (rs < cs) {  // source columns are the contiguous direction: walk them inner-most
+            if (rs < cs) {
+              // Transposed source: gather the block through a small local tile, reading source
+              // lines and writing destination lines whole (and free of aliasing worries).
+              T tile[kB][kB];
               for (int64_t c = cb; c < ce; ++c) {
-                for (int64_t r = rb; r < re; ++r) dst[r * dst_stride + c] = src[r * rs + c * cs];
+                for (int64_t r = rb; r < re; ++r) tile[c - cb][r - rb] = src[r * rs + c * cs];
+              }
+              for (int64_t r = rb; r < re; ++r) {
+                T* d = dst + r * dst_stride;
+                for (int64_t c = cb; c < ce; ++c) d[c] = tile[c - cb][r - rb];
               }
             } else {
               for (int64_t r = rb; r < re; ++r) {
