@@ -75,17 +75,27 @@ void combine_scalar(int64_t D, float* m, float* l, float* acc, float m_c, float 
   for (int64_t d = 0; d < D; ++d) acc[d] = std::fma(acc[d], alpha, a_c[d] * beta);
 }
 
+template <typename T>
+void store_row(void* base, int64_t offset, int64_t stride, const float* x, int64_t D) {
+  T* out = static_cast<T*>(base) + offset;
+  for (int64_t d = 0; d < D; ++d) out[d * stride] = from_float<T>(x[d]);
+}
+
+template <typename T>
+void load_row(const void* base, int64_t offset, int64_t stride, float* x, int64_t D) {
+  const T* in = static_cast<const T*>(base) + offset;
+  for (int64_t d = 0; d < D; ++d) x[d] = to_float(in[d * stride]);
+}
+
 // Writes acc / l (zeros when no key was visible) in the output dtype.
 void finish(const AttentionArgs& a, float l, const float* acc, int64_t b, int64_t h, int64_t j) {
+  float row[kMaxHeadDim];
+  for (int64_t d = 0; d < a.D; ++d) row[d] = l > 0.0f ? acc[d] / l : 0.0f;
   const int64_t base = b * a.o_stride[0] + h * a.o_stride[1] + j * a.o_stride[2];
-  for (int64_t d = 0; d < a.D; ++d) {
-    const float x = l > 0.0f ? acc[d] / l : 0.0f;
-    const int64_t off = base + d * a.o_stride[3];
-    switch (a.dtype) {
-      case DType::kFloat32: static_cast<float*>(a.o)[off] = x; break;
-      case DType::kFloat16: static_cast<uint16_t*>(a.o)[off] = float_to_fp16(x); break;
-      case DType::kBFloat16: static_cast<uint16_t*>(a.o)[off] = float_to_bf16(x); break;
-    }
+  switch (a.dtype) {
+    case DType::kFloat32: store_row<float>(a.o, base, a.o_stride[3], row, a.D); break;
+    case DType::kFloat16: store_row<fp16_t>(a.o, base, a.o_stride[3], row, a.D); break;
+    case DType::kBFloat16: store_row<bf16_t>(a.o, base, a.o_stride[3], row, a.D); break;
   }
 }
 
@@ -123,7 +133,11 @@ struct Plan {
       for (int64_t hl = 0; hl < G; ++hl) {
         const int64_t h = kvh * G + hl;
         const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1] + j * a.q_stride[2];
-        for (int64_t d = 0; d < a.D; ++d) qf[nq * a.D + d] = load_element(a.dtype, a.q, qbase + d * a.q_stride[3]);
+        switch (a.dtype) {
+          case DType::kFloat32: load_row<float>(a.q, qbase, a.q_stride[3], qf + nq * a.D, a.D); break;
+          case DType::kFloat16: load_row<fp16_t>(a.q, qbase, a.q_stride[3], qf + nq * a.D, a.D); break;
+          case DType::kBFloat16: load_row<bf16_t>(a.q, qbase, a.q_stride[3], qf + nq * a.D, a.D); break;
+        }
         hi[nq] = last;
         max_hi = std::max(max_hi, last);
         ++nq;
