@@ -240,18 +240,22 @@ def test_kv_rows_gather_invariance(case, data):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_thread_count_invariance(dtype):
-    # One thread (no chunk split) and all threads (decode of one row splits its chunks).
-    q, k, v = _inputs(dtype, 1, 8, 2, 1, 1500, 64, 3)
+@pytest.mark.parametrize("shape", [(1, 8, 2, 1, 1500, 64), (2, 4, 1, 37, 300, 40)])  # B, Hq, Hkv, Tq, Tk, D
+def test_thread_count_invariance(dtype, shape):
+    # 1 thread (no chunk split), 2 and 3 threads (a one-row decode spreads its chunks over the
+    # threads; a prefill spreads its query groups differently).
+    B, Hq, Hkv, Tq, Tk, D = shape
+    q, k, v = _inputs(dtype, B, Hq, Hkv, Tq, Tk, D, 3)
+    kv_start = torch.tensor([3] * B)
     threads = torch.get_num_threads()
+    outs = []
     try:
-        torch.set_num_threads(1)
-        one = margingate.attention(q, k, v)
-        torch.set_num_threads(max(2, threads))
-        many = margingate.attention(q, k, v)
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(margingate.attention(q, k, v, kv_start))
     finally:
         torch.set_num_threads(threads)
-    assert same_bits(one, many)
+    assert all(same_bits(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
