@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "attention_impl.h"
 
@@ -90,10 +91,60 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
+// The two fp32 values packed in each 32-bit lane of `pairs` (element 2c in the low half, 2c + 1
+// in the high half), for bf16 and fp16 storage. Exact, like every 16-bit -> fp32 conversion.
+inline __m512 low_half(__m512 pairs, bf16_t) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(pairs), 16));
+}
+inline __m512 high_half(__m512 pairs, bf16_t) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(pairs), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline __m512 low_half(__m512 pairs, fp16_t) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_castps_si512(pairs))); }
+inline __m512 high_half(__m512 pairs, fp16_t) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(pairs), 16)));
+}
+
+// 16-bit keys: transpose 16 keys x 32 elements of D as 16 x 16 32-bit pairs (half the shuffles of
+// converting first), then split each pair into two fp32 rows of kt. Shuffles only move bits.
+template <typename T>
+void transpose_keys_16bit(const Group& g, int64_t t0, int64_t t1, int nkv, float* kt) {
+  const AttentionArgs& a = *g.args;
+  const T* base = static_cast<const T*>(a.k) + g.kv_row * a.k_stride[0] + g.kv_head * a.k_stride[1];
+  const int64_t D = a.D;
+  for (int tb = 0; tb < nkv; ++tb) {
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const int64_t width = std::min<int64_t>(32, D - d0);
+      const __mmask32 dm = width == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << width) - 1u);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = t0 + tb * 16 + i;
+        const T* row = base + t * a.k_stride[2] + d0;
+        if (t >= t1) {
+          r[i] = _mm512_setzero_ps();
+        } else if (width == 32) {
+          r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(row));
+        } else {
+          r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(dm, row));
+        }
+      }
+      transpose16(r);
+      for (int64_t c = 0; 2 * c < width; ++c) {
+        float* out = kt + (d0 + 2 * c) * kKtStride + tb * 16;
+        _mm512_storeu_ps(out, low_half(r[c], T{}));
+        if (2 * c + 1 < width) _mm512_storeu_ps(out + kKtStride, high_half(r[c], T{}));
+      }
+    }
+  }
+}
+
 // kt[d][i] = k[t0 + i][d] for i < 16 * nkv (zeros past t1), fp32.
 template <typename T>
 void transpose_keys(const Group& g, int64_t t0, int64_t t1, int nkv, float* kt) {
   const AttentionArgs& a = *g.args;
+  if constexpr (!std::is_same_v<T, float>) {
+    transpose_keys_16bit<T>(g, t0, t1, nkv, kt);
+    return;
+  }
   const T* base = static_cast<const T*>(a.k) + g.kv_row * a.k_stride[0] + g.kv_head * a.k_stride[1];
   const int64_t D = a.D;
   for (int tb = 0; tb < nkv; ++tb) {
