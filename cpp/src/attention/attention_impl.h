@@ -15,6 +15,7 @@
 //   combine      m' = max(m, m_c); alpha = exp2(m - m'); beta = exp2(m_c - m');
 //                l = fma(l, alpha, l_c * beta); acc[d] = fma(acc[d], alpha, a_c[d] * beta)
 //   output[d]    = acc[d] / l  (l == 0: no visible key, zeros)
+// (NaN/inf inputs give NaN outputs; exactly which ones and their payloads are not part of this.)
 #pragma once
 
 #include <cmath>
