@@ -127,7 +127,7 @@ def test_matches_fp64_reference(problem):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_scores_do_not_overflow(dtype):
-    # Scores of several hundred: the online softmax must subtract maxima, never exponentiate raw.
+    # Scores up to ~200: the online softmax must subtract maxima, never exponentiate raw scores.
     gen = torch.Generator().manual_seed(0)
     q = randn(2, 4, 3, 64, dtype=dtype, gen=gen) * 8
     k = randn(2, 2, 150, 64, dtype=dtype, gen=gen) * 8
