@@ -71,7 +71,10 @@ def main():
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (both sides)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     repeats = 3 if args.quick else 5
     print(f"threads={torch.get_num_threads()} build={margingate.build_info()} dtype={args.dtype}")

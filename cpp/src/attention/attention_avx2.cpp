@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <climits>
 
 #include "attention_impl.h"
 
@@ -149,24 +150,25 @@ ScoresFn scores_kernel(int nq, int nkv) {
   }
 }
 
-// out[i][0 .. width) = fma chain over t < n[i] of p_i[t] * v[t][0 .. width), width <= 32.
+// out[i][0 .. width) = fma chain over union rows u in [begin[i], end[i]) of p_i[u] * v[u][0 .. width),
+// width <= 32.
 template <typename T, int NQ>
-void pv_tile(const T* v, int64_t v_row_stride, int nmax, const float* const* p, const int* n, int64_t width,
-             float* const* out) {
+void pv_tile(const T* v, int64_t v_row_stride, int u_begin, int u_end, const float* const* p, const int* begin,
+             const int* end, int64_t width, float* const* out) {
   const int ndv = static_cast<int>((width + 7) / 8);
   const int64_t last = width - 8 * (ndv - 1);
   __m256 acc[NQ][4];
   for (int i = 0; i < NQ; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int t = 0; t < nmax; ++t) {
-    const T* row = v + t * v_row_stride;
+  for (int u = u_begin; u < u_end; ++u) {
+    const T* row = v + u * v_row_stride;
     __m256 x[4];
     for (int j = 0; j < 4; ++j) {
       if (j < ndv) x[j] = (j < ndv - 1 || last == 8) ? load8(row + 8 * j) : load8_partial(row + 8 * j, last);
     }
     for (int i = 0; i < NQ; ++i) {
-      if (t >= n[i]) continue;  // this query's chain ends here; the others go on
-      const __m256 pb = _mm256_broadcast_ss(p[i] + t);
+      if (u < begin[i] || u >= end[i]) continue;  // outside this query's chunk
+      const __m256 pb = _mm256_broadcast_ss(p[i] + u);
       for (int j = 0; j < 4; ++j) {
         if (j < ndv) acc[i][j] = _mm256_fmadd_ps(pb, x[j], acc[i][j]);
       }
@@ -184,24 +186,30 @@ void pv_tile(const T* v, int64_t v_row_stride, int nmax, const float* const* p, 
 }
 
 template <typename T>
-void chunk_avx2_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c, float* l_c, float* a_c) {
+void chunk_avx2_typed(const Group& g, int64_t c, const Scratch& s, float* m_c, float* l_c, float* a_c) {
   const AttentionArgs& a = *g.args;
   const int64_t D = a.D;
-  const int64_t t1 = std::min(t0 + kChunk, g.max_hi + 1);
-  const int nkv = static_cast<int>((t1 - t0 + 7) / 8);  // 8-key vectors in this chunk (<= 8)
 
+  // Queries that have a chunk c, and the union [u0, u1) of their chunks' keys.
   int* act = s.active;
+  int* off = s.offset;
   int* n = s.count;
   int na = 0;
+  int64_t u0 = INT64_MAX, u1 = INT64_MIN;
   for (int qi = 0; qi < g.nq; ++qi) {
-    if (g.hi[qi] < t0) continue;
+    if (!g.sees(qi, c)) continue;
+    const int64_t start = g.chunk_start(qi, c), end = std::min(start + kChunk, g.hi[qi] + 1);
     act[na] = qi;
-    n[na] = static_cast<int>(std::min(t1, g.hi[qi] + 1) - t0);
+    n[na] = static_cast<int>(end - start);
     ++na;
+    u0 = std::min(u0, start);
+    u1 = std::max(u1, end);
   }
   if (na == 0) return;
+  for (int i = 0; i < na; ++i) off[i] = static_cast<int>(g.chunk_start(act[i], c) - u0);
+  const int nkv = static_cast<int>((u1 - u0 + 7) / 8);  // 8-key vectors of the union (<= 10)
 
-  transpose_keys<T>(g, t0, t1, nkv, s.kt);
+  transpose_keys<T>(g, u0, u1, nkv, s.kt);
 
   // Scores: key vectors in groups of up to 4 (32 keys), queries in tiles of up to 3.
   for (int k0 = 0; k0 < nkv; k0 += 4) {
@@ -212,18 +220,19 @@ void chunk_avx2_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c, 
       float* out[kTileQueries];
       for (int i = 0; i < cnt; ++i) {
         q[i] = g.qf + act[i0 + i] * D;
-        out[i] = s.p + act[i0 + i] * kChunk + 8 * k0;
+        out[i] = s.p + act[i0 + i] * kUnion + 8 * k0;
       }
       scores_kernel(cnt, cnt_k)(s.kt + 8 * k0, q, D, g.c2, out);
     }
   }
 
-  // Chunk maximum, weights and their sum, per query.
+  // Chunk maximum, weights and their sum, per query, in lanes counted from its chunk's first key.
   for (int i = 0; i < na; ++i) {
-    float* p = s.p + act[i] * kChunk;
+    float* p = s.p + act[i] * kUnion + off[i];
+    const int nj = (n[i] + 7) / 8;
     const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
     __m256 mx = neg_inf;
-    for (int j = 0; j < nkv; ++j) {
+    for (int j = 0; j < nj; ++j) {
       mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(p + 8 * j), lane_mask(n[i] - 8 * j)));
     }
     alignas(32) float lanes[8];
@@ -232,7 +241,7 @@ void chunk_avx2_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c, 
     for (int l = 1; l < 8; ++l) m = std::max(m, lanes[l]);  // a max is exact in any order
     const __m256 mv = _mm256_set1_ps(m);
     __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
-    for (int j = 0; j < nkv; ++j) {
+    for (int j = 0; j < nj; ++j) {
       const __m256 w = _mm256_and_ps(lane_mask(n[i] - 8 * j), exp2v(_mm256_sub_ps(_mm256_loadu_ps(p + 8 * j), mv)));
       _mm256_storeu_ps(p + 8 * j, w);
       __m256& half = (j % 2 == 0) ? low : high;
@@ -242,24 +251,28 @@ void chunk_avx2_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c, 
     l_c[act[i]] = tree_sum(low, high);
   }
 
-  // p.v, 32 columns of D at a time.
-  const T* vbase = static_cast<const T*>(a.v) + g.kv_row * a.v_stride[0] + g.kv_head * a.v_stride[1] + t0 * a.v_stride[2];
+  // p.v, 32 columns of D at a time; each query's chain runs over its own keys in order.
+  const T* vbase = static_cast<const T*>(a.v) + g.kv_row * a.v_stride[0] + g.kv_head * a.v_stride[1] + u0 * a.v_stride[2];
+  int begin[kTileQueries], end[kTileQueries];
   for (int64_t d0 = 0; d0 < D; d0 += 32) {
     const int64_t width = std::min<int64_t>(32, D - d0);
     for (int i0 = 0; i0 < na; i0 += kTileQueries) {
       const int cnt = std::min(kTileQueries, na - i0);
       const float* p[kTileQueries];
       float* out[kTileQueries];
-      int nmax = 0;
+      int ub = kUnion, ue = 0;
       for (int i = 0; i < cnt; ++i) {
-        p[i] = s.p + act[i0 + i] * kChunk;
+        p[i] = s.p + act[i0 + i] * kUnion;
         out[i] = a_c + act[i0 + i] * D + d0;
-        nmax = std::max(nmax, n[i0 + i]);
+        begin[i] = off[i0 + i];
+        end[i] = off[i0 + i] + n[i0 + i];
+        ub = std::min(ub, begin[i]);
+        ue = std::max(ue, end[i]);
       }
       switch (cnt) {
-        case 1: pv_tile<T, 1>(vbase + d0, a.v_stride[2], nmax, p, n + i0, width, out); break;
-        case 2: pv_tile<T, 2>(vbase + d0, a.v_stride[2], nmax, p, n + i0, width, out); break;
-        default: pv_tile<T, 3>(vbase + d0, a.v_stride[2], nmax, p, n + i0, width, out); break;
+        case 1: pv_tile<T, 1>(vbase + d0, a.v_stride[2], ub, ue, p, begin, end, width, out); break;
+        case 2: pv_tile<T, 2>(vbase + d0, a.v_stride[2], ub, ue, p, begin, end, width, out); break;
+        default: pv_tile<T, 3>(vbase + d0, a.v_stride[2], ub, ue, p, begin, end, width, out); break;
       }
     }
   }
