@@ -21,14 +21,16 @@ Three kinds of aten ops break that on the default path, and only those are re-ro
   vectorised loop handles whole SIMD vectors with SLEEF and the leftover tail (and the edges of
   every thread's chunk) with the scalar libm formula, which rounds differently; whether an element
   of a row falls in the tail depends on the batch. Measured: gelu (tanh and erf forms) varies in
-  bf16 and fp32 (also at hidden 640 as a transposed head view), silu in fp32. They are recomposed from ops whose
-  every element is computed the same way (``mul``/``add``/``div`` are exactly rounded, ``tanh``,
-  ``exp``, ``erf`` go through ``vec::map`` which also processes the tail with SLEEF; measured
-  invariant).
+  bf16 and fp32 (also at hidden 640 as a transposed head view), silu in fp32. They are recomposed
+  in fp32 from ops whose every element is computed the same way (``mul``/``add``/``div`` are
+  exactly rounded; ``tanh``, ``exp``, ``erf`` were measured invariant in every layout).
 
-Attention is handled separately by the Hugging Face attention implementation ``"margingate"``
-(``margingate.hf_attention``), which this context manager also switches on for models that were
-loaded with it.
+The measurement is reproducible: ``bench/python/bench_batch_invariant.py --row-ops`` (results in
+``bench/README.md``).
+
+Attention is the Hugging Face attention implementation ``"margingate"`` (``hf_attention.py``):
+``batch_invariant(model)`` switches ``model`` to it for the duration; without a model, an
+sdpa / flash / flex attention raises inside the mode instead of giving batch-dependent logits.
 
 Mechanism: one ``torch.library.Library("aten", "IMPL")`` registers Python kernels for the CPU and
 CUDA dispatch keys while at least one thread is inside the context; the last thread to leave
