@@ -284,11 +284,28 @@ def test_mode_is_reentrant_thread_aware_and_restored():
     a, b = torch.randn(8, 64), torch.randn(64, 50)
     vendor = torch.mm(a, b)
     fixed = torch.ops.margingate.linear(a, b.t())
+    # Precondition: the two kernels round differently here, so the checks below tell them apart.
+    assert not torch.equal(vendor, fixed)
     seen_in_thread = {}
+
+    x3 = torch.randn(3, 5, 64)
+    vendor_ops = {
+        "addmm": lambda: torch.addmm(b[0], a, b),
+        "bmm": lambda: torch.bmm(x3, x3.transpose(1, 2)),
+        "mean": lambda: x3.mean(-1),
+        "sum_bool": lambda: (x3 > 0).sum(-1),
+        "gelu": lambda: F.gelu(x3, approximate="tanh"),
+        "silu": lambda: F.silu(x3),
+    }
+    expected = {name: op() for name, op in vendor_ops.items()}
 
     def other_thread():
         seen_in_thread["enabled"] = bi_module.is_enabled()
         seen_in_thread["mm"] = torch.mm(a, b)
+        # Every overridden op falls back to the vendor kernel in a thread outside the mode.
+        seen_in_thread["others"] = {
+            name: torch.equal(op(), expected[name]) for name, op in vendor_ops.items()
+        }
 
     with margingate.batch_invariant():
         with margingate.batch_invariant():
@@ -301,6 +318,7 @@ def test_mode_is_reentrant_thread_aware_and_restored():
         assert torch.equal(torch.mm(a, b), fixed)
     assert not bi_module.is_enabled() and bi_module._library is None
     assert seen_in_thread["enabled"] is False and torch.equal(seen_in_thread["mm"], vendor)
+    assert all(seen_in_thread["others"].values()), seen_in_thread["others"]
     assert torch.equal(torch.mm(a, b), vendor)
     with pytest.raises(KeyError), margingate.batch_invariant():
         raise KeyError("boom")
