@@ -391,3 +391,18 @@ def test_sdpa_model_inside_the_mode():
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(batched, run(model, ids, mask))
     default_forward(model, ids, mask)  # the guard is gone with the mode
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_generate_with_sliding_window_cache(family):
+    """model.generate under batch_invariant(model), with generate's own cache (sliding layers keep
+    only the window): greedy tokens are identical alone and in a left-padded batch."""
+    model = model_of(family, torch.bfloat16)
+    seqs = sequences(10, count=3)
+    ids, mask = left_pad(seqs)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with margingate.batch_invariant(model), torch.no_grad():
+        batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
+        for i, s in enumerate(seqs):
+            alone = model.generate(input_ids=torch.tensor([s]), **kwargs)[:, len(s) :]
+            assert torch.equal(alone[0], batched[i]), (i, alone, batched[i])
