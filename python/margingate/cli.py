@@ -56,11 +56,6 @@ CHECK_POLICIES = ("off", "margin", "always")
 # trigger rates (15-19 %) leave similar headroom.
 DEFAULT_SAFETY_FACTOR = 2.0
 DEFAULT_THRESHOLD_FILE = "margingate-threshold.json"
-# `margingate calibrate` on the default model (Gemma 3 270M, bf16, 2-core AMD EPYC, torch 2.13):
-# 24 prompts of `all` x 32 tokens, alone vs batch 8: 7 flips, largest flip margin 0.125, largest
-# margin shift 0.4375 -> 2 x 0.4375. Used by `check` on the default model while margingate.generation
-# has no calibrated value for it (its generic fallback 0.5 sits right at the measured margin shift).
-DEFAULT_MODEL_THRESHOLD = 0.875
 QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50)
 
 
@@ -933,9 +928,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
     prompts = _encode_prompts(raw_prompts, tokenizer, model)
     if threshold is None:
-        threshold, source = float(default_threshold(model)), "model default"
-        if args.model is None and _is_fallback(default_threshold):
-            threshold, source = DEFAULT_MODEL_THRESHOLD, "calibrated for the default model"
+        threshold, source = float(default_threshold(model)), "margingate.generation default for this model"
     n = len(prompts)
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(model, tokenizer, eos)
@@ -1130,13 +1123,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"determinism failure: {', '.join(failures)} (--strict)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
-
-
-def _is_fallback(default_threshold) -> bool:
-    from . import generation
-
-    calibrated = getattr(generation, "CALIBRATED_THRESHOLDS", {})
-    return not any(key[0] in ("gemma3_text", "gemma3") and key[1] == 262144 for key in calibrated)
 
 
 def _unshuffle(result, order: list[int]) -> dict[str, Any]:
