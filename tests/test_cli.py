@@ -95,6 +95,10 @@ def test_flips_table_json_plot(tiny, tmp_path, capsys):
     assert "fast-path flips" in out and "flip rate" in out and "margin quantiles" in out
     report = json.loads(report_path.read_text())
     assert report["command"] == "flips"
+    documented = {"command", "model", "prompt_set", "prompts", "max_new_tokens", "batch_sizes",
+                  "reference_batch_size", "seconds", "steps", "configs", "flips", "flip_rate", "flip_events",
+                  "flip_margin_max", "margin_perturbation_max", "margin_quantiles"}  # fmt: skip
+    assert documented <= set(report), documented - set(report)
     assert report["prompts"] == NUM_PROMPTS and report["batch_sizes"] == [1, 3, 8]
     assert report["model"]["model_type"] == "llama" and report["model"]["vocab_size"] == VOCAB
     assert [c["batch_size"] for c in report["configs"]] == [3, 8]
@@ -160,6 +164,9 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     assert rc == 0, out
     assert "threshold = 3 x max" in out and "transfer:" in out
     saved = json.loads(threshold_file.read_text())
+    documented = {"command", "threshold", "safety_factor", "max_flip_margin", "max_margin_perturbation",
+                  "trigger_rate", "model", "calibration", "transfer", "transfer_ok"}  # fmt: skip
+    assert documented <= set(saved), documented - set(saved)
     assert saved == json.loads(report_path.read_text())
     observed = max(saved["max_flip_margin"] or 0.0, saved["max_margin_perturbation"])
     assert saved["threshold"] == pytest.approx(3 * observed) and saved["threshold"] > 0
@@ -197,6 +204,11 @@ def check_report(tiny, tmp_path_factory):
 def test_check_report_fields(check_report):
     rc, report, png = check_report
     assert report["command"] == "check"
+    documented = {"command", "model", "prompt_set", "prompts", "max_new_tokens", "batch_sizes",
+                  "reference_batch_size", "seconds", "threshold", "threshold_source", "policies",
+                  "increment_ratio_always_over_margin", "deterministic", "determinism_failures",
+                  "off_flip_events", "off_margin_quantiles"}  # fmt: skip
+    assert documented <= set(report), documented - set(report)
     assert list(report["policies"]) == ["off", "margin", "always"]
     assert report["prompts"] == NUM_PROMPTS and report["batch_sizes"] == [1, 3, 8]
     assert report["threshold"] == 1.0
