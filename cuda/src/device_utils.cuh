@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "margingate/common.h"
@@ -73,5 +74,20 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 // Streaming multiprocessors of the current device (cached per device). Used only to size grids,
 // never to choose a reduction order.
 int current_device_sms();
+
+// Raises a kernel's dynamic shared-memory limit once per device (needed above 48 KiB). The kernel
+// is a template argument so that each kernel has its own "done" flags.
+template <auto Kernel> cudaError_t allow_smem(int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> done[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device >= 0 && device < kMaxDevices && done[device].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && device >= 0 && device < kMaxDevices) done[device].store(bytes, std::memory_order_relaxed);
+  return err;
+}
 
 }  // namespace margingate::cuda::detail
