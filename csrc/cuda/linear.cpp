@@ -34,8 +34,9 @@ at::Tensor linear_cuda(const at::Tensor& x,                    // [..., K]
   const c10::cuda::CUDAGuard guard(x.device());
   // [..., K] -> [M, K]: a view whenever the leading dims can be flattened, else a copy (a copy
   // does not change any row's bits).
-  const at::Tensor x2 = x.reshape({-1, K});
-  const int64_t M = x2.size(0);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  const at::Tensor x2 = x.reshape({M, K});
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x.options());
