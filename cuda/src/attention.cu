@@ -147,9 +147,11 @@ template <typename T, int DMAX> struct Smem {
   static constexpr int kPitch = DMAX + kVecElems;  // +16 bytes: lane-per-row reads hit distinct banks
   static constexpr int kStageElems = 2 * kSub * kPitch;  // K then V
   static constexpr int kStageBytes = kStageElems * static_cast<int>(sizeof(T));
-  static constexpr int kStages = kStageBytes <= 18 * 1024 ? 4 : (kStageBytes <= 34 * 1024 ? 3 : 2);
-  static constexpr int kQBytes = kMaxWarps * DMAX * 4;
-  static constexpr int kBytes = kQBytes + kStages * kStageBytes;
+  // Enough stages to keep ~2 sub-blocks in flight per block while 4 blocks fit on an SM (decode
+  // is bandwidth-bound: resident blocks matter more than pipeline depth).
+  static constexpr int kStages = kStageBytes <= 10 * 1024 ? 4 : (kStageBytes <= 36 * 1024 ? 3 : 2);
+  static constexpr int qbytes(int warps) { return warps * DMAX * 4; }
+  static constexpr int bytes(int warps) { return qbytes(warps) + kStages * kStageBytes; }
 };
 
 template <typename T, int DMAX, bool VEC>
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) attention_kernel(AttnParams p)
   constexpr int VE = S::kVecElems;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sq = reinterpret_cast<float*>(smem_raw);
-  T* skv = reinterpret_cast<T*>(smem_raw + S::kQBytes);
+  T* skv = reinterpret_cast<T*>(smem_raw + S::qbytes(p.warps));
 
   // blockIdx.x = ((b * Hkv + hk) * head_blocks + hb) * Tq + j: consecutive queries share K/V in L2.
   int64_t bx = blockIdx.x;
@@ -341,7 +343,8 @@ Plan make_plan(const AttentionArgs& a) {
   // Split the keys across blocks when the queries alone cannot fill the GPU (decode at small
   // batch, long context). Speed only: both shapes give the same bits (see the top of the file).
   const int64_t sms = detail::current_device_sms();
-  if (chunks > 1 && pl.blocks < 2 * sms && chunks <= 65535) {
+  // Below ~4 blocks per SM the last wave would leave SMs idle for a whole query's key range.
+  if (chunks > 1 && pl.blocks < 4 * sms && chunks <= 65535) {
     const int64_t ws = a.B * a.Hq * a.Tq * chunks * (a.D + 2) * 4;
     if (ws <= (int64_t{256} << 20)) pl.splits = static_cast<int>(chunks);
   }
@@ -392,13 +395,14 @@ template <typename T, int DMAX> cudaError_t launch(const AttentionArgs& a, const
   if (pl.blocks > INT32_MAX) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(pl.blocks), 1, static_cast<unsigned>(pl.splits));
   const int threads = pl.warps * 32;
-  cudaError_t err = vec ? detail::allow_smem<attention_kernel<T, DMAX, true>>(S::kBytes)
-                        : detail::allow_smem<attention_kernel<T, DMAX, false>>(S::kBytes);
+  const int smem = S::bytes(pl.warps);
+  cudaError_t err = vec ? detail::allow_smem<attention_kernel<T, DMAX, true>>(S::bytes(kMaxWarps))
+                        : detail::allow_smem<attention_kernel<T, DMAX, false>>(S::bytes(kMaxWarps));
   if (err != cudaSuccess) return err;
   if (vec) {
-    attention_kernel<T, DMAX, true><<<grid, threads, S::kBytes, stream>>>(p);
+    attention_kernel<T, DMAX, true><<<grid, threads, smem, stream>>>(p);
   } else {
-    attention_kernel<T, DMAX, false><<<grid, threads, S::kBytes, stream>>>(p);
+    attention_kernel<T, DMAX, false><<<grid, threads, smem, stream>>>(p);
   }
   if (pl.splits > 1) {
     const int64_t queries = a.B * a.Hq * a.Tq;
