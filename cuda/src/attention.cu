@@ -150,8 +150,8 @@ template <typename T, int DMAX> struct Smem {
   // Enough stages to keep ~2 sub-blocks in flight per block while 4 blocks fit on an SM (decode
   // is bandwidth-bound: resident blocks matter more than pipeline depth).
   static constexpr int kStages = kStageBytes <= 10 * 1024 ? 4 : (kStageBytes <= 36 * 1024 ? 3 : 2);
-  static constexpr int qbytes(int warps) { return warps * DMAX * 4; }
-  static constexpr int bytes(int warps) { return qbytes(warps) + kStages * kStageBytes; }
+  __host__ __device__ static constexpr int qbytes(int warps) { return warps * DMAX * 4; }
+  __host__ __device__ static constexpr int bytes(int warps) { return qbytes(warps) + kStages * kStageBytes; }
 };
 
 template <typename T, int DMAX, bool VEC>
