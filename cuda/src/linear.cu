@@ -6,7 +6,7 @@
 //     acc = mma.m16n8k16(x[m, 16c : 16c + 16], w[n, 16c : 16c + 16], acc)      (fp32 accumulate)
 //   y = round(acc (+ bias[n]))
 // - One instruction shape (mma.sync m16n8k16, fp32 accumulators) for every tile configuration; the
-//   K tile (64) only groups four consecutive chunks, so the chain is the same for any tiling.
+//   K tile (64 or 128) only groups consecutive chunks, so the chain is the same for any tiling.
 // - No split-K, inside or across blocks: one thread's accumulator register carries the whole chain.
 // - The tile configurations (chosen from M) differ only in how many (m, n) pairs a block or warp
 //   covers. Rows past M are zero-filled; a row of an MMA only ever meets its own x row, so padding
@@ -19,7 +19,7 @@
 // fp32 operands use a SIMT kernel whose chain is acc = fmaf(x[m, k], w[n, k], acc) for k = 0..K-1,
 // one thread per output element, the same kernel for every M.
 //
-// Speed: cp.async multi-stage pipeline (BK = 64), 4 or 8 warps, small N tiles (32 columns) at
+// Speed: cp.async multi-stage pipeline (BK = 64 or 128), 4 or 8 warps, small N tiles (32 columns) at
 // decode sizes so that even N = 4096 gives ~128 blocks, larger tiles as M grows. mma.sync runs on
 // Hopper at a fraction of wgmma's peak; wgmma would have to be used for every M (it is a different
 // instruction), which is future work.
@@ -29,9 +29,11 @@
 namespace margingate::cuda {
 namespace {
 
-constexpr int kBK = 64;            // K elements per pipeline stage (4 MMA chunks of 16)
-constexpr int kPitch = kBK + 8;    // shared-memory row pitch in elements: 144 bytes, conflict-free
-                                   // fragment loads, 16-byte aligned rows for cp.async
+// A pipeline stage holds BK elements of K (BK / 16 consecutive MMA chunks, in order; BK varies
+// by tile configuration, the chunk chain does not). Shared rows have a pitch of BK + 8 elements
+// (BK = 64: 144 bytes, BK = 128: 272 bytes): 16-byte aligned for cp.async, and the fragment loads of
+// a warp (8 rows x 4 words) hit 32 distinct banks.
+template <int BK> __host__ __device__ constexpr int pitch() { return BK + 8; }
 
 struct Params {
   const void* x;
@@ -62,44 +64,46 @@ template <> struct Mma<__half> {
   }
 };
 
-// Loads rows [row0, row0 + ROWS) x columns [k0, k0 + kBK) of a [rows_total, K] operand into a
-// shared tile (pitch kPitch), zero outside the operand. VEC: 16-byte cp.async (contiguous K,
+// Loads rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a [rows_total, K] operand into a
+// shared tile (pitch BK + 8), zero outside the operand. VEC: 16-byte cp.async (contiguous K,
 // K % 8 == 0, 16-byte aligned rows); otherwise element loads with any strides.
-template <typename T, int ROWS, int THREADS, bool VEC>
+template <typename T, int ROWS, int THREADS, int BK, bool VEC>
 __device__ __forceinline__ void load_tile(T* __restrict__ tile, const T* __restrict__ src, int64_t rows_total,
                                           int64_t K, int64_t rs, int64_t cs, int64_t row0, int64_t k0) {
   if constexpr (VEC) {
-    constexpr int kChunks = ROWS * (kBK / 8);
+    constexpr int kChunks = ROWS * (BK / 8);
 #pragma unroll
     for (int c = threadIdx.x; c < kChunks; c += THREADS) {
-      const int r = c / (kBK / 8), cc = c % (kBK / 8);
+      const int r = c / (BK / 8), cc = c % (BK / 8);
       const int64_t row = row0 + r, k = k0 + cc * 8;
       const bool pred = row < rows_total && k < K;
       const T* g = pred ? src + row * rs + k : src;
-      detail::cp_async16(tile + r * kPitch + cc * 8, g, pred);
+      detail::cp_async16(tile + r * pitch<BK>() + cc * 8, g, pred);
     }
   } else {
-    for (int e = threadIdx.x; e < ROWS * kBK; e += THREADS) {
-      const int r = e / kBK, kk = e % kBK;
+    for (int e = threadIdx.x; e < ROWS * BK; e += THREADS) {
+      const int r = e / BK, kk = e % BK;
       const int64_t row = row0 + r, k = k0 + kk;
-      tile[r * kPitch + kk] = (row < rows_total && k < K) ? src[row * rs + k * cs] : detail::from_float<T>(0.0f);
+      tile[r * pitch<BK>() + kk] = (row < rows_total && k < K) ? src[row * rs + k * cs] : detail::from_float<T>(0.0f);
     }
   }
 }
 
-template <typename T, int WARPS_M, int WARPS_N, int MT, int NT, int STAGES>
+template <typename T, int WARPS_M, int WARPS_N, int MT, int NT, int BK, int STAGES>
 struct MmaConfig {
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;
   static constexpr int kBM = WARPS_M * MT * 16;
   static constexpr int kBN = WARPS_N * NT * 8;
+  static constexpr int kPitch = pitch<BK>();
   static constexpr int kStageElems = (kBM + kBN) * kPitch;
   static constexpr int kSmemBytes = STAGES * kStageElems * static_cast<int>(sizeof(T));
 };
 
-template <typename T, int WARPS_M, int WARPS_N, int MT, int NT, int STAGES, bool VEC>
+template <typename T, int WARPS_M, int WARPS_N, int MT, int NT, int BK, int STAGES, bool VEC>
 __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     linear_mma_kernel(Params p) {
-  using C = MmaConfig<T, WARPS_M, WARPS_N, MT, NT, STAGES>;
+  using C = MmaConfig<T, WARPS_M, WARPS_N, MT, NT, BK, STAGES>;
+  constexpr int kPitch = C::kPitch;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const T* x = static_cast<const T*>(p.x);
@@ -109,13 +113,13 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp % WARPS_M, warp_n = warp / WARPS_M;
   const int g = lane / 4, t = lane % 4;
-  const int64_t KT = (p.K + kBK - 1) / kBK;
+  const int64_t KT = (p.K + BK - 1) / BK;
 
   auto stage_a = [&](int s) { return smem + s * C::kStageElems; };
   auto stage_w = [&](int s) { return smem + s * C::kStageElems + C::kBM * kPitch; };
   auto load_stage = [&](int s, int64_t kt) {
-    load_tile<T, C::kBM, C::kThreads, VEC>(stage_a(s), x, p.M, p.K, p.x_rs, p.x_cs, m0, kt * kBK);
-    load_tile<T, C::kBN, C::kThreads, VEC>(stage_w(s), w, p.N, p.K, p.w_rs, p.w_cs, n0, kt * kBK);
+    load_tile<T, C::kBM, C::kThreads, BK, VEC>(stage_a(s), x, p.M, p.K, p.x_rs, p.x_cs, m0, kt * BK);
+    load_tile<T, C::kBN, C::kThreads, BK, VEC>(stage_w(s), w, p.N, p.K, p.w_rs, p.w_cs, n0, kt * BK);
   };
 
   float acc[MT][NT][4];
@@ -141,7 +145,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     const T* sa = stage_a(static_cast<int>(kt % STAGES));
     const T* sw = stage_w(static_cast<int>(kt % STAGES));
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {  // the chunks in K order: the fixed chain
+    for (int kk = 0; kk < BK; kk += 16) {  // the chunks in K order: the fixed chain
       uint32_t a[MT][4], b[NT][2];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
@@ -234,31 +238,33 @@ __global__ void __launch_bounds__(256) linear_f32_kernel(Params p) {
   }
 }
 
-template <typename T, int WARPS_M, int WARPS_N, int MT, int NT, int STAGES>
+template <typename T, int WARPS_M, int WARPS_N, int MT, int NT, int BK, int STAGES>
 cudaError_t launch_mma(const Params& p, bool vec, cudaStream_t stream) {
-  using C = MmaConfig<T, WARPS_M, WARPS_N, MT, NT, STAGES>;
+  using C = MmaConfig<T, WARPS_M, WARPS_N, MT, NT, BK, STAGES>;
   const int64_t grid_n = (p.N + C::kBN - 1) / C::kBN;
   const int64_t grid_m = (p.M + C::kBM - 1) / C::kBM;
   if (grid_n > INT32_MAX || grid_m > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m));
-  auto kernel = vec ? linear_mma_kernel<T, WARPS_M, WARPS_N, MT, NT, STAGES, true>
-                    : linear_mma_kernel<T, WARPS_M, WARPS_N, MT, NT, STAGES, false>;
+  auto kernel = vec ? linear_mma_kernel<T, WARPS_M, WARPS_N, MT, NT, BK, STAGES, true>
+                    : linear_mma_kernel<T, WARPS_M, WARPS_N, MT, NT, BK, STAGES, false>;
   const cudaError_t err =
-      vec ? detail::allow_smem<linear_mma_kernel<T, WARPS_M, WARPS_N, MT, NT, STAGES, true>>(C::kSmemBytes)
-          : detail::allow_smem<linear_mma_kernel<T, WARPS_M, WARPS_N, MT, NT, STAGES, false>>(C::kSmemBytes);
+      vec ? detail::allow_smem<linear_mma_kernel<T, WARPS_M, WARPS_N, MT, NT, BK, STAGES, true>>(C::kSmemBytes)
+          : detail::allow_smem<linear_mma_kernel<T, WARPS_M, WARPS_N, MT, NT, BK, STAGES, false>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
 // Tile shape by M (speed only; the per-element chain is the same in all of them):
-//   M <= 16: 16 x 32 tiles, 6 stages (decode: N / 32 blocks stream w once)
-//   M <= 32: 32 x 32, M <= 256: 64 x 64, larger: 128 x 128 (8 warps).
+//   M <= 16: 16 x 32 tiles, BK = 128, 6 stages: decode streams w once from N / 32 blocks with
+//            ~64 KiB of w in flight per block (bandwidth-bound: bytes in flight are what count)
+//   M <= 32: 32 x 32, BK = 128, 5 stages; M <= 256: 64 x 64, BK = 64, 4 stages;
+//   larger:  128 x 128 (8 warps), BK = 64, 3 stages.
 template <typename T> cudaError_t launch_mma_by_m(const Params& p, bool vec, cudaStream_t stream) {
-  if (p.M <= 16) return launch_mma<T, 1, 4, 1, 1, 6>(p, vec, stream);
-  if (p.M <= 32) return launch_mma<T, 1, 4, 2, 1, 6>(p, vec, stream);
-  if (p.M <= 256) return launch_mma<T, 2, 2, 2, 4, 4>(p, vec, stream);
-  return launch_mma<T, 2, 4, 4, 4, 3>(p, vec, stream);
+  if (p.M <= 16) return launch_mma<T, 1, 4, 1, 1, 128, 6>(p, vec, stream);
+  if (p.M <= 32) return launch_mma<T, 1, 4, 2, 1, 128, 5>(p, vec, stream);
+  if (p.M <= 256) return launch_mma<T, 2, 2, 2, 4, 64, 4>(p, vec, stream);
+  return launch_mma<T, 2, 4, 4, 4, 64, 3>(p, vec, stream);
 }
 
 }  // namespace
