@@ -258,12 +258,12 @@ cudaError_t launch_mma(const Params& p, bool vec, cudaStream_t stream) {
 // Tile shape by M (speed only; the per-element chain is the same in all of them):
 //   M <= 16: 16 x 32 tiles, BK = 128, 6 stages: decode streams w once from N / 32 blocks with
 //            ~64 KiB of w in flight per block (bandwidth-bound: bytes in flight are what count)
-//   M <= 32: 32 x 32, BK = 128, 5 stages; M <= 256: 64 x 64, BK = 64, 4 stages;
-//   larger:  128 x 128 (8 warps), BK = 64, 3 stages.
+//   M <= 32: 32 x 32, BK = 128, 5 stages; M <= 256: 64 x 32, BK = 64, 4 stages (N = 4096 at
+//            M = 128 still gives 256 blocks); larger: 128 x 128 (8 warps), BK = 64, 3 stages.
 template <typename T> cudaError_t launch_mma_by_m(const Params& p, bool vec, cudaStream_t stream) {
   if (p.M <= 16) return launch_mma<T, 1, 4, 1, 1, 128, 6>(p, vec, stream);
   if (p.M <= 32) return launch_mma<T, 1, 4, 2, 1, 128, 5>(p, vec, stream);
-  if (p.M <= 256) return launch_mma<T, 2, 2, 2, 4, 64, 4>(p, vec, stream);
+  if (p.M <= 256) return launch_mma<T, 2, 2, 2, 2, 64, 4>(p, vec, stream);
   return launch_mma<T, 2, 4, 4, 4, 64, 3>(p, vec, stream);
 }
 
