@@ -7,9 +7,12 @@
 // associative. So any split of a row (threads, warps, blocks, segments) and any merge tree give
 // the same answer bit for bit, and a row's answer never depends on the other rows.
 //
-// Speed: 16-byte vector loads (8 bf16/fp16 or 4 fp32 per load, 4 loads in flight per thread),
-// warp shuffles then shared memory to merge; when there are fewer rows than SMs a row is split into
-// segments (grid.x) whose states go to a workspace and a tiny second kernel merges them.
+// Speed: 16-byte vector loads (8 bf16/fp16 or 4 fp32 per load, 4 loads in flight per thread, 1024
+// threads: 64 KiB in flight per block, enough for one SM to stream at well over its share of HBM
+// bandwidth), warp shuffles then shared memory to merge. One block per row as long as the rows
+// keep at least half of the SMs busy (B = 64 on 132 SMs: one kernel, no merge pass); with fewer
+// rows a row is split into segments whose states go to a workspace and a tiny second kernel
+// merges them.
 #include <climits>
 #include <cmath>
 
@@ -103,7 +106,7 @@ __device__ __forceinline__ void write_result(const Top2& t, int64_t row, int64_t
   }
 }
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 1024;
 constexpr int kUnroll = 4;
 
 // One block per (row, segment): block b is segment b % segments of row b / segments, covering
@@ -190,13 +193,14 @@ struct Plan {
   int seg_len = 0;
 };
 
-// Enough blocks to cover every SM about twice; segments are whole 16-byte vectors (a multiple of
-// 8 elements) of at least 4096 elements so the per-block merge stays negligible.
+// Split rows only when they would leave more than half of the SMs idle; then enough segments to
+// cover every SM about twice, each a whole number of 16-byte vectors (a multiple of 8 elements)
+// and at least 4096 elements so the per-block merge stays negligible.
 Plan make_plan(int64_t rows, int64_t vocab) {
   Plan p;
   p.seg_len = static_cast<int>(vocab);
   const int64_t sms = detail::current_device_sms();
-  if (rows <= 0 || rows >= sms) return p;
+  if (rows <= 0 || 2 * rows >= sms) return p;
   const int64_t want = (2 * sms + rows - 1) / rows;
   const int64_t max_by_size = (vocab + 4095) / 4096;
   const int64_t segments = want < max_by_size ? want : max_by_size;
