@@ -1,6 +1,6 @@
 """margingate.linear against torch.nn.functional.linear, side by side in one run.
 
-    PYTHONPATH=python python -m bench.python.bench_linear [--dtypes bf16 fp32] [--quick]
+    PYTHONPATH=python python -m bench.python.bench_linear [--dtypes bf16 fp32] [--m 1 4] [--repeats 9]
 
 Decode shapes M in {1, 4, 16, 64} x (K, N) in {(640, 2048), (2048, 640), (1536, 8960),
 (4096, 4096)} and prefill M = 512, in each dtype. Prints time per call, ratio torch/ours (> 1 =
@@ -23,7 +23,7 @@ PREFILL_M = [512]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def run(dtypes: list[str], ms: list[int], repeats: int) -> list[dict[str, object]]:
+def run(dtypes: list[str], ms: list[int], repeats: int, min_time_s: float) -> list[dict[str, object]]:
     rows = []
     for name in dtypes:
         dtype = DTYPES[name]
@@ -37,6 +37,7 @@ def run(dtypes: list[str], ms: list[int], repeats: int) -> list[dict[str, object
                         "torch": lambda x=x, w=w: torch.nn.functional.linear(x, w),
                     },
                     repeats=repeats,
+                    min_time_s=min_time_s,
                 )
                 wbytes = N * K * w.element_size()
                 rows.append(
@@ -67,9 +68,13 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--m", nargs="+", type=int, default=DECODE_M + PREFILL_M)
     parser.add_argument("--repeats", type=int, default=9)
+    # Long samples: the machines are shared, and a 20 ms sample is easily hit by a preemption.
+    parser.add_argument("--min-time", type=float, default=0.1, help="seconds per timed sample")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, margingate {margingate.build_info()}")
-    rows = run(args.dtypes, args.m, args.repeats)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, margingate {margingate.build_info()}"
+    )
+    rows = run(args.dtypes, args.m, args.repeats, args.min_time)
     print()
     print_table(rows)
     print()
