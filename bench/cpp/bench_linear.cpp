@@ -15,12 +15,12 @@ const Register linear_cases("linear", [](const Parallel& parallel, std::vector<C
     for (const auto& s : shapes) {
       const int64_t K = s[0], N = s[1];
       auto pool = std::make_shared<std::vector<std::vector<char>>>();
-      // Take the data pointers at once: later scratch() calls may move the pool's vectors.
-      void* w = scratch(*pool, dtype, N * K).data();
+      // scratch() buffers stay put for the pool's lifetime.
+      void* w = scratch(*pool, dtype, N * K);
       fill_random(dtype, w, N * K, 7 + K + N);
       for (int64_t M : {1, 4, 16, 64, 512}) {
-        void* x = scratch(*pool, dtype, M * K).data();
-        void* y = scratch(*pool, dtype, M * N).data();
+        void* x = scratch(*pool, dtype, M * K);
+        void* y = scratch(*pool, dtype, M * N);
         fill_random(dtype, x, M * K, 11 + M);
         LinearArgs a;
         a.dtype = dtype;
