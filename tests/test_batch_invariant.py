@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 import margingate
 from margingate.canonical import position_ids_from_mask
-from models import FAMILIES, build_model
+from tests.models import FAMILIES, build_model
 
 DTYPES = [torch.float32, torch.bfloat16]
 CASES = [(f, d) for f in FAMILIES for d in DTYPES]
