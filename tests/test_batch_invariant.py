@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.models import FAMILIES, build_model
 from transformers import DynamicCache
 
 import margingate
 from margingate.canonical import position_ids_from_mask
+from tests.models import FAMILIES, build_model
 
 DTYPES = [torch.float32, torch.bfloat16]
 CASES = [(f, d) for f in FAMILIES for d in DTYPES]
@@ -406,3 +406,23 @@ def test_generate_with_sliding_window_cache(family):
         for i, s in enumerate(seqs):
             alone = model.generate(input_ids=torch.tensor([s]), **kwargs)[:, len(s) :]
             assert torch.equal(alone[0], batched[i]), (i, alone, batched[i])
+
+
+def test_mask_patterns_the_kernel_cannot_reproduce_raise():
+    from transformers import masking_utils as mu
+
+    from margingate.hf_attention import margingate_mask
+
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    ok = [mu.causal_mask_function, mu.sliding_window_causal_mask_function(3)]
+    for fn in ok:
+        assert torch.equal(margingate_mask(2, 5, 5, mask_function=fn, attention_mask=mask), mask)
+    bad = [
+        mu.bidirectional_mask_function,
+        mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function),
+        mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long)),
+        mu.packed_sequence_mask_function(torch.zeros(2, 5, dtype=torch.long)),
+    ]
+    for fn in bad:
+        with pytest.raises(ValueError, match="only causal and sliding-window"):
+            margingate_mask(2, 5, 5, mask_function=fn, attention_mask=mask)

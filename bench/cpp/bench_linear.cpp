@@ -15,7 +15,7 @@ const Register linear_cases("linear", [](const Parallel& parallel, std::vector<C
     for (const auto& s : shapes) {
       const int64_t K = s[0], N = s[1];
       auto pool = std::make_shared<std::vector<std::vector<char>>>();
-      // Take the data pointers at once: later scratch() calls may move the pool's vectors.
+      // scratch() buffers stay put for the pool's lifetime.
       void* w = scratch(*pool, dtype, N * K);
       fill_random(dtype, w, N * K, 7 + K + N);
       for (int64_t M : {1, 4, 16, 64, 512}) {
