@@ -12,14 +12,17 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Gemma3Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
     Qwen3Config,
+    SiglipVisionConfig,
 )
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3")
 
 # A window shorter than the longest test sequence, so sliding layers actually drop keys.
 SLIDING_WINDOW = 6
@@ -62,6 +65,25 @@ def make_config(family: str):
             final_logit_softcapping=None,
             attn_logit_softcapping=None,
         )
+    if family == "gemma3":
+        # The multimodal Gemma 3 (model_type "gemma3") around the same text model, with a minimal
+        # vision tower; the tests feed it text only.
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        return Gemma3Config(
+            text_config=make_config("gemma3_text").to_dict(),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+            boi_token_index=_COMMON["vocab_size"] - 3,
+            eoi_token_index=_COMMON["vocab_size"] - 2,
+            image_token_index=_COMMON["vocab_size"] - 1,
+        )
     raise ValueError(f"tests.models: unknown family {family!r}, expected one of {FAMILIES}")
 
 
@@ -75,10 +97,11 @@ def build_model(
     """
     config = make_config(family)
     config.initializer_range = 0.2
+    if family == "gemma3":
+        config.text_config.initializer_range = 0.2
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn_implementation, dtype=torch.float32
-    )
+    model_class = AutoModelForImageTextToText if family == "gemma3" else AutoModelForCausalLM
+    model = model_class.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     # RMSNorm weights start at 1 (or 0 for Gemma's 1+w); perturb them so the norms are not trivial.
     with torch.no_grad():
         for name, p in model.named_parameters():

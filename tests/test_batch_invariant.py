@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.models import FAMILIES, build_model
 from transformers import DynamicCache
 
 import margingate
 from margingate.canonical import position_ids_from_mask
+from tests.models import FAMILIES, build_model
 
 DTYPES = [torch.float32, torch.bfloat16]
 CASES = [(f, d) for f in FAMILIES for d in DTYPES]
@@ -284,11 +284,28 @@ def test_mode_is_reentrant_thread_aware_and_restored():
     a, b = torch.randn(8, 64), torch.randn(64, 50)
     vendor = torch.mm(a, b)
     fixed = torch.ops.margingate.linear(a, b.t())
+    # Precondition: the two kernels round differently here, so the checks below tell them apart.
+    assert not torch.equal(vendor, fixed)
     seen_in_thread = {}
+
+    x3 = torch.randn(3, 5, 64)
+    vendor_ops = {
+        "addmm": lambda: torch.addmm(b[0], a, b),
+        "bmm": lambda: torch.bmm(x3, x3.transpose(1, 2)),
+        "mean": lambda: x3.mean(-1),
+        "sum_bool": lambda: (x3 > 0).sum(-1),
+        "gelu": lambda: F.gelu(x3, approximate="tanh"),
+        "silu": lambda: F.silu(x3),
+    }
+    expected = {name: op() for name, op in vendor_ops.items()}
 
     def other_thread():
         seen_in_thread["enabled"] = bi_module.is_enabled()
         seen_in_thread["mm"] = torch.mm(a, b)
+        # Every overridden op falls back to the vendor kernel in a thread outside the mode.
+        seen_in_thread["others"] = {
+            name: torch.equal(op(), expected[name]) for name, op in vendor_ops.items()
+        }
 
     with margingate.batch_invariant():
         with margingate.batch_invariant():
@@ -301,6 +318,7 @@ def test_mode_is_reentrant_thread_aware_and_restored():
         assert torch.equal(torch.mm(a, b), fixed)
     assert not bi_module.is_enabled() and bi_module._library is None
     assert seen_in_thread["enabled"] is False and torch.equal(seen_in_thread["mm"], vendor)
+    assert all(seen_in_thread["others"].values()), seen_in_thread["others"]
     assert torch.equal(torch.mm(a, b), vendor)
     with pytest.raises(KeyError), margingate.batch_invariant():
         raise KeyError("boom")
@@ -373,3 +391,38 @@ def test_sdpa_model_inside_the_mode():
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(batched, run(model, ids, mask))
     default_forward(model, ids, mask)  # the guard is gone with the mode
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_generate_with_sliding_window_cache(family):
+    """model.generate under batch_invariant(model), with generate's own cache (sliding layers keep
+    only the window): greedy tokens are identical alone and in a left-padded batch."""
+    model = model_of(family, torch.bfloat16)
+    seqs = sequences(10, count=3)
+    ids, mask = left_pad(seqs)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with margingate.batch_invariant(model), torch.no_grad():
+        batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
+        for i, s in enumerate(seqs):
+            alone = model.generate(input_ids=torch.tensor([s]), **kwargs)[:, len(s) :]
+            assert torch.equal(alone[0], batched[i]), (i, alone, batched[i])
+
+
+def test_mask_patterns_the_kernel_cannot_reproduce_raise():
+    from transformers import masking_utils as mu
+
+    from margingate.hf_attention import margingate_mask
+
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    ok = [mu.causal_mask_function, mu.sliding_window_causal_mask_function(3)]
+    for fn in ok:
+        assert torch.equal(margingate_mask(2, 5, 5, mask_function=fn, attention_mask=mask), mask)
+    bad = [
+        mu.bidirectional_mask_function,
+        mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function),
+        mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long)),
+        mu.packed_sequence_mask_function(torch.zeros(2, 5, dtype=torch.long)),
+    ]
+    for fn in bad:
+        with pytest.raises(ValueError, match="only causal and sliding-window"):
+            margingate_mask(2, 5, 5, mask_function=fn, attention_mask=mask)

@@ -76,7 +76,12 @@ def _make(M, K, N, dtype, x_layout, w_layout, with_bias, seed):
         w = randn(K, N).t()
     else:  # rows with a gap between them
         w = randn(N, K + 5)[:, :K]
-    b = randn(N) if with_bias else None
+    if not with_bias:
+        b = None
+    elif w_layout == "padded":  # a strided bias too
+        b = randn(2 * N)[::2]
+    else:
+        b = randn(N)
     return x, w, b
 
 
@@ -103,7 +108,7 @@ def test_rows_invariant_and_accurate(M, K, N, dtype, x_layout, w_layout, with_bi
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,N", [(640, 67), (2048, 40), (1536, 96)])
+@pytest.mark.parametrize("K,N", [(640, 67), (2048, 40), (1536, 96), (4099, 13)])
 def test_model_shapes_every_batch_size(dtype, K, N):
     """The decode/prefill regime of real layers: batches of 1, 4, 16, 64 and 130 rows share
     their rows bit for bit (different tile shapes, edge tiles and thread splits)."""
@@ -125,6 +130,23 @@ def test_thread_count_does_not_matter(dtype):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(margingate.linear(x, w, b), one)
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_values_stay_in_their_row(dtype):
+    """inf/NaN in one row give the same bits alone and in a batch, and never leak into other rows."""
+    x, w, b = _make(9, 100, 20, dtype, "contiguous", "contiguous", True, seed=5)
+    x[3, 17] = float("inf")
+    x[5, 40] = float("nan")
+    y = margingate.linear(x, w, b)
+    assert torch.isfinite(y[[0, 1, 2, 4, 6, 7, 8]]).all()
+    assert not torch.isfinite(y[3]).all() and y[5].isnan().all()
+    for i in range(9):
+        assert torch.equal(_bits(margingate.linear(x[i : i + 1], w, b)[0]), _bits(y[i]))
 
 
 def test_empty_and_degenerate_shapes():

@@ -12,11 +12,11 @@ namespace {
 void add_case(const Parallel& parallel, std::vector<Case>& out, DType dtype, int64_t B, int64_t Hq, int64_t Hkv,
               int64_t Tq, int64_t Tk, int64_t D) {
   auto pool = std::make_shared<std::vector<std::vector<char>>>();
-  // Buffer addresses are taken one at a time: a later scratch() may move the pool's entries.
-  char* q = scratch(*pool, dtype, B * Hq * Tq * D).data();
-  char* k = scratch(*pool, dtype, B * Hkv * Tk * D).data();
-  char* v = scratch(*pool, dtype, B * Hkv * Tk * D).data();
-  char* o = scratch(*pool, dtype, B * Hq * Tq * D).data();
+  // scratch() buffers stay put for the pool's lifetime.
+  char* q = static_cast<char*>(scratch(*pool, dtype, B * Hq * Tq * D));
+  char* k = static_cast<char*>(scratch(*pool, dtype, B * Hkv * Tk * D));
+  char* v = static_cast<char*>(scratch(*pool, dtype, B * Hkv * Tk * D));
+  char* o = static_cast<char*>(scratch(*pool, dtype, B * Hq * Tq * D));
   fill_random(dtype, q, B * Hq * Tq * D, 11, 1.0f);
   fill_random(dtype, k, B * Hkv * Tk * D, 12, 1.0f);
   fill_random(dtype, v, B * Hkv * Tk * D, 13, 1.0f);

@@ -39,7 +39,8 @@ std::vector<std::pair<std::string, CaseFactory>>& registry();
 
 // Deterministic pseudo-random fill (values in [-scale, scale)) in the given dtype.
 void fill_random(DType dtype, void* data, int64_t count, uint64_t seed, float scale = 1.0f);
-// Bytes for `count` elements of `dtype`, 64-byte aligned, zeroed.
-std::vector<char>& scratch(std::vector<std::vector<char>>& pool, DType dtype, int64_t count);
+// A zeroed buffer for `count` elements of `dtype`, owned by `pool` (the pointer stays valid for
+// the pool's lifetime, whatever else is added to it).
+void* scratch(std::vector<std::vector<char>>& pool, DType dtype, int64_t count);
 
 }  // namespace margingate::bench

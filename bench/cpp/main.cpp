@@ -38,9 +38,9 @@ void fill_random(DType dtype, void* data, int64_t count, uint64_t seed, float sc
   }
 }
 
-std::vector<char>& scratch(std::vector<std::vector<char>>& pool, DType dtype, int64_t count) {
-  pool.emplace_back(static_cast<size_t>(count * dtype_size(dtype) + 64), 0);
-  return pool.back();
+void* scratch(std::vector<std::vector<char>>& pool, DType dtype, int64_t count) {
+  pool.emplace_back(static_cast<size_t>(count * dtype_size(dtype)), 0);
+  return pool.back().data();
 }
 
 namespace {

@@ -71,7 +71,10 @@ def main():
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (both sides)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     repeats = 3 if args.quick else 5
     print(f"threads={torch.get_num_threads()} build={margingate.build_info()} dtype={args.dtype}")
@@ -97,12 +100,18 @@ def main():
 
     if not args.decode_only:
         rows = []
-        shapes = [(1, 32, 8, 128)] if args.quick else [(1, 32, 8, 128), (1, 8, 1, 64), (1, 8, 1, 256), (2, 16, 4, 64)]
+        shapes = (
+            [(1, 32, 8, 128)]
+            if args.quick
+            else [(1, 32, 8, 128), (1, 8, 1, 64), (1, 8, 1, 256), (2, 16, 4, 64)]
+        )
         for B, Hq, Hkv, D in shapes:
             rows.append(run_case(B, Hq, Hkv, 1024, 1024, D, dtype, repeats))
         print("\nprefill (Tq=Tk=1024, causal):")
         print_table(rows)
-        print(f"prefill geomean speed vs SDPA: {geomean([r['speed_vs_sdpa'] for r in rows]):.2f}x (target >= 0.5)")
+        print(
+            f"prefill geomean speed vs SDPA: {geomean([r['speed_vs_sdpa'] for r in rows]):.2f}x (target >= 0.5)"
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,17 @@ __all__ = ["attention", "build_info", "kv_patch_", "linear", "margin"]
 
 # Batch-invariant mode and the canonical forward (registers the "margingate" HF attention).
 from .batch_invariant import batch_invariant  # noqa: E402
-from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward  # noqa: E402
+
+try:
+    from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward
+except ModuleNotFoundError as error:  # transformers is the optional [hf] extra
+    if error.name != "transformers" and not str(error.name).startswith("transformers."):
+        raise
+    SUPPORTED_MODEL_TYPES = ()
+
+    def canonical_forward(*args, **kwargs):
+        raise ImportError('margingate.canonical_forward needs transformers: pip install "margingate[hf]"')
+
 
 __all__ += ["SUPPORTED_MODEL_TYPES", "batch_invariant", "canonical_forward"]
 

@@ -20,15 +20,17 @@ Three kinds of aten ops break that on the default path, and only those are re-ro
 * **elementwise activations with a scalar tail** (``aten::gelu``, ``aten::silu`` on CPU): the
   vectorised loop handles whole SIMD vectors with SLEEF and the leftover tail (and the edges of
   every thread's chunk) with the scalar libm formula, which rounds differently; whether an element
-  of a row falls in the tail depends on the batch. Measured: gelu-tanh varies in bf16 and fp32
-  (also at hidden 640 as a transposed head view), silu in fp32. They are recomposed from ops whose
-  every element is computed the same way (``mul``/``add``/``div`` are exactly rounded, ``tanh``,
-  ``exp``, ``erf`` go through ``vec::map`` which also processes the tail with SLEEF; measured
-  invariant).
+  of a row falls in the tail depends on the batch. Measured: gelu (tanh and erf forms) varies in
+  bf16 and fp32 (also at hidden 640 as a transposed head view), silu in fp32. They are recomposed
+  in fp32 from ops whose every element is computed the same way (``mul``/``add``/``div`` are
+  exactly rounded; ``tanh``, ``exp``, ``erf`` were measured invariant in every layout).
 
-Attention is handled separately by the Hugging Face attention implementation ``"margingate"``
-(``margingate.hf_attention``), which this context manager also switches on for models that were
-loaded with it.
+The measurement is reproducible: ``bench/python/bench_batch_invariant.py --row-ops`` (results in
+``bench/README.md``).
+
+Attention is the Hugging Face attention implementation ``"margingate"`` (``hf_attention.py``):
+``batch_invariant(model)`` switches ``model`` to it for the duration; without a model, an
+sdpa / flash / flex attention raises inside the mode instead of giving batch-dependent logits.
 
 Mechanism: one ``torch.library.Library("aten", "IMPL")`` registers Python kernels for the CPU and
 CUDA dispatch keys while at least one thread is inside the context; the last thread to leave
@@ -180,10 +182,24 @@ def _reduces_last_dim_only(x: torch.Tensor, dim) -> bool:
     return len(dims) == 1 and dims[0] % x.dim() == x.dim() - 1
 
 
+_ones_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    """A cached fp32 ones row [1, n]: the weight of the fixed-order sum (read-only)."""
+    key = (n, device)
+    ones = _ones_cache.get(key)
+    if ones is None:
+        if len(_ones_cache) > 64:
+            _ones_cache.clear()
+        ones = _ones_cache[key] = torch.ones((1, n), dtype=torch.float32, device=device)
+    return ones
+
+
 def fixed_order_sum(x: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
     """Sum over the last dim in fp32 with margingate.linear's fixed K order (row-invariant)."""
     xf = x if x.dtype == torch.float32 else x.float()
-    ones = xf.new_ones((1, xf.shape[-1]))
+    ones = _ones(xf.shape[-1], xf.device)
     total = xf.new_zeros((*xf.shape[:-1], 1)) if xf.shape[-1] == 0 else _linear(xf, ones)
     return total if keepdim else total.squeeze(-1)
 
@@ -251,19 +267,21 @@ _GELU_KAPPA = 0.044715
 
 def fixed_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU in fp32 from exactly rounded ops and tanh / erf (no scalar tail: position-free)."""
+    # In place on one fp32 temporary: the same exactly rounded steps as the expression
+    # 0.5 * x * (1 + tanh(beta * (x + kappa * x^3))), with fewer allocations.
     xf = x.float()
     if approximate == "tanh":
-        inner = (xf + (xf * xf * xf) * _GELU_KAPPA) * _GELU_BETA
-        out = (xf * 0.5) * (inner.tanh() + 1.0)
+        out = xf * xf
+        out.mul_(xf).mul_(_GELU_KAPPA).add_(xf).mul_(_GELU_BETA).tanh_().add_(1.0)
     else:
-        out = (xf * 0.5) * ((xf * math.sqrt(0.5)).erf() + 1.0)
-    return out.to(x.dtype)
+        out = (xf * math.sqrt(0.5)).erf_().add_(1.0)
+    return out.mul_(xf).mul_(0.5).to(x.dtype)
 
 
 def fixed_silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU in fp32 as x / (1 + exp(-x)) (no scalar tail: position-free)."""
     xf = x.float()
-    return (xf / ((-xf).exp() + 1.0)).to(x.dtype)
+    return torch.div(xf, xf.neg().exp_().add_(1.0)).to(x.dtype)
 
 
 def _gelu(x: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:

@@ -16,7 +16,9 @@ from .batch_invariant import batch_invariant
 
 # The HF model types whose every layer this module reproduces exactly, proven by
 # tests/test_batch_invariant.py on tiny random models of each family.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+# "gemma3" is the multimodal Gemma 3 with text-only inputs (image tokens attend bidirectionally,
+# which the "margingate" mask function refuses).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3")
 
 
 def check_supported(model: torch.nn.Module) -> None:

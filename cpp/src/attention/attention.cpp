@@ -16,7 +16,7 @@
 // alongside (groups only share loaded K/V tiles, never accumulators) or on the thread split: with
 // few groups the chunks of one query are spread over threads, but every chunk partial is then
 // stored and folded in the same order by the same combine function. The SIMD levels perform the
-// same IEEE operations lane by lane, so the scalar and AVX-512 paths agree bit for bit too.
+// same IEEE operations lane by lane, so the scalar, AVX2 and AVX-512 paths agree bit for bit too.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -33,15 +33,15 @@ float key_element(const Group& g, const void* base, const int64_t* stride, int64
   return load_element(g.args->dtype, base, g.kv_row * stride[0] + g.kv_head * stride[1] + t * stride[2] + d * stride[3]);
 }
 
-void chunk_scalar(const Group& g, int64_t t0, const Scratch& s, float* m_c, float* l_c, float* a_c) {
+void chunk_scalar(const Group& g, int64_t c, const Scratch& s, float* m_c, float* l_c, float* a_c) {
   const AttentionArgs& a = *g.args;
   const int64_t D = a.D;
-  const int64_t t1 = std::min(t0 + kChunk, g.max_hi + 1);
   for (int qi = 0; qi < g.nq; ++qi) {
-    if (g.hi[qi] < t0) continue;
-    const int64_t n = std::min(t1, g.hi[qi] + 1) - t0;
+    if (!g.sees(qi, c)) continue;
+    const int64_t t0 = g.chunk_start(qi, c);
+    const int64_t n = std::min(t0 + kChunk, g.hi[qi] + 1) - t0;
     const float* q = g.qf + qi * D;
-    float* p = s.p + qi * kChunk;
+    float* p = s.p + qi * kUnion;
     float m = -INFINITY;
     for (int64_t t = 0; t < n; ++t) {
       float dot = 0.0f;
@@ -75,24 +75,34 @@ void combine_scalar(int64_t D, float* m, float* l, float* acc, float m_c, float 
   for (int64_t d = 0; d < D; ++d) acc[d] = std::fma(acc[d], alpha, a_c[d] * beta);
 }
 
+template <typename T>
+void store_row(void* base, int64_t offset, int64_t stride, const float* x, int64_t D) {
+  T* out = static_cast<T*>(base) + offset;
+  for (int64_t d = 0; d < D; ++d) out[d * stride] = from_float<T>(x[d]);
+}
+
+template <typename T>
+void load_row(const void* base, int64_t offset, int64_t stride, float* x, int64_t D) {
+  const T* in = static_cast<const T*>(base) + offset;
+  for (int64_t d = 0; d < D; ++d) x[d] = to_float(in[d * stride]);
+}
+
 // Writes acc / l (zeros when no key was visible) in the output dtype.
 void finish(const AttentionArgs& a, float l, const float* acc, int64_t b, int64_t h, int64_t j) {
+  float row[kMaxHeadDim];
+  for (int64_t d = 0; d < a.D; ++d) row[d] = l > 0.0f ? acc[d] / l : 0.0f;
   const int64_t base = b * a.o_stride[0] + h * a.o_stride[1] + j * a.o_stride[2];
-  for (int64_t d = 0; d < a.D; ++d) {
-    const float x = l > 0.0f ? acc[d] / l : 0.0f;
-    const int64_t off = base + d * a.o_stride[3];
-    switch (a.dtype) {
-      case DType::kFloat32: static_cast<float*>(a.o)[off] = x; break;
-      case DType::kFloat16: static_cast<uint16_t*>(a.o)[off] = float_to_fp16(x); break;
-      case DType::kBFloat16: static_cast<uint16_t*>(a.o)[off] = float_to_bf16(x); break;
-    }
+  switch (a.dtype) {
+    case DType::kFloat32: store_row<float>(a.o, base, a.o_stride[3], row, a.D); break;
+    case DType::kFloat16: store_row<fp16_t>(a.o, base, a.o_stride[3], row, a.D); break;
+    case DType::kBFloat16: store_row<bf16_t>(a.o, base, a.o_stride[3], row, a.D); break;
   }
 }
 
-// How the queries are grouped: a group is one (query row, kv head, block of query positions).
-// Without a window every query of a row shares lo = kv_start, so a block of positions shares the
-// chunk grid and each loaded K/V chunk serves G heads x `positions` queries. With a window lo
-// moves with the position, so a block is one position (its G heads still share the chunk grid).
+// How the queries are grouped: a group is one (query row, kv head, block of query positions), so
+// each loaded K/V tile serves G heads x `positions` queries. Without a window every query of a row
+// has lo = kv_start; with one, lo moves by at most one key per position, so a block of at most
+// kMaxSpread + 1 positions keeps its lo's within kMaxSpread.
 struct Plan {
   const AttentionArgs* args = nullptr;
   int64_t G = 1;             // query heads per kv head
@@ -105,42 +115,45 @@ struct Plan {
   int64_t kv_start(int64_t b) const { return args->kv_start ? args->kv_start[b] : 0; }
   int64_t kv_row(int64_t b) const { return args->kv_rows ? args->kv_rows[b] : b; }
 
-  // Fills the group's queries (qf, hi) and geometry; returns the number of chunks.
-  int64_t describe(int64_t gi, Group& g, float* qf, int64_t* hi, int64_t* b_out, int64_t* j0_out) const {
+  // Fills the group's queries (qf, lo, hi) and geometry; returns the number of chunks.
+  int64_t describe(int64_t gi, Group& g, float* qf, int64_t* lo, int64_t* hi, int64_t* b_out, int64_t* j0_out) const {
     const AttentionArgs& a = *args;
     const int64_t blk = gi % blocks;
     const int64_t kvh = (gi / blocks) % a.Hkv;
     const int64_t b = gi / (blocks * a.Hkv);
     const int64_t j0 = blk * positions, j1 = std::min(a.Tq, j0 + positions);
     const int64_t start = kv_start(b);
-    int64_t lo = start;
-    if (a.window > 0) lo = std::max(start, a.Tk - a.Tq + j0 - a.window + 1);
     int nq = 0;
-    int64_t max_hi = -1;
+    int64_t chunks = 0;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t p = a.Tk - a.Tq + j;
+      const int64_t first = a.window > 0 ? std::max(start, p - a.window + 1) : start;
       const int64_t last = a.causal ? std::min(p, a.Tk - 1) : a.Tk - 1;
+      if (last >= first) chunks = std::max(chunks, (last - first) / kChunk + 1);
       for (int64_t hl = 0; hl < G; ++hl) {
         const int64_t h = kvh * G + hl;
         const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1] + j * a.q_stride[2];
-        for (int64_t d = 0; d < a.D; ++d) qf[nq * a.D + d] = load_element(a.dtype, a.q, qbase + d * a.q_stride[3]);
+        switch (a.dtype) {
+          case DType::kFloat32: load_row<float>(a.q, qbase, a.q_stride[3], qf + nq * a.D, a.D); break;
+          case DType::kFloat16: load_row<fp16_t>(a.q, qbase, a.q_stride[3], qf + nq * a.D, a.D); break;
+          case DType::kBFloat16: load_row<bf16_t>(a.q, qbase, a.q_stride[3], qf + nq * a.D, a.D); break;
+        }
+        lo[nq] = first;
         hi[nq] = last;
-        max_hi = std::max(max_hi, last);
         ++nq;
       }
     }
     g.args = args;
     g.kv_row = kv_row(b);
     g.kv_head = kvh;
-    g.lo = lo;
-    g.max_hi = max_hi;
     g.nq = nq;
     g.qf = qf;
+    g.lo = lo;
     g.hi = hi;
     g.c2 = c2;
     *b_out = b;
     *j0_out = j0;
-    return max_hi >= lo ? (max_hi - lo) / kChunk + 1 : 0;
+    return chunks;
   }
 
   // Query index within a group -> (head, position).
@@ -152,24 +165,26 @@ struct Plan {
 
 struct ThreadBuffers {
   std::vector<float> qf, kt, p, m, l, acc, m_c, l_c, a_c;
-  std::vector<int64_t> hi;
-  std::vector<int> active, count;
+  std::vector<int64_t> lo, hi;
+  std::vector<int> active, offset, count;
   explicit ThreadBuffers(const Plan& plan) {
     const int64_t D = plan.args->D, nq = plan.nq_max;
     qf.resize(nq * D);
     kt.resize(D * kKtStride);
-    p.resize(nq * kChunk);
+    p.resize(nq * kUnion);
     m.resize(nq);
     l.resize(nq);
     acc.resize(nq * D);
     m_c.resize(nq);
     l_c.resize(nq);
     a_c.resize(nq * D);
+    lo.resize(nq);
     hi.resize(nq);
     active.resize(nq);
+    offset.resize(nq);
     count.resize(nq);
   }
-  Scratch scratch() { return Scratch{kt.data(), p.data(), active.data(), count.data()}; }
+  Scratch scratch() { return Scratch{kt.data(), p.data(), active.data(), offset.data(), count.data()}; }
 };
 
 Status validate(const AttentionArgs& a) {
@@ -221,15 +236,19 @@ Status attention(const AttentionArgs& args, const Parallel& parallel) {
   if (!st.ok()) return st;
   if (args.B == 0 || args.Hq == 0 || args.Tq == 0) return Status::success();
 
-  // The AVX-512 kernel wants unit stride along D; the scalar kernel computes the same bits, so
-  // any other layout simply takes the scalar path.
+  // The SIMD kernels want unit stride along D; the scalar kernel computes the same bits, so any
+  // other layout simply takes the scalar path.
   const bool unit_d = args.k_stride[3] == 1 && args.v_stride[3] == 1;
-  const Kernels& kern = (simd_level() == SimdLevel::kAvx512 && unit_d) ? kernels_avx512() : kernels_scalar();
+  const SimdLevel level = unit_d ? simd_level() : SimdLevel::kScalar;
+  const Kernels& kern = level == SimdLevel::kAvx512 ? kernels_avx512()
+                        : level == SimdLevel::kAvx2 ? kernels_avx2()
+                                                    : kernels_scalar();
 
   Plan plan;
   plan.args = &args;
   plan.G = args.Hq / args.Hkv;
-  plan.positions = args.window > 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>(args.Tq, 24 / plan.G));
+  plan.positions = std::max<int64_t>(1, std::min<int64_t>(args.Tq, 24 / plan.G));
+  if (args.window > 0) plan.positions = std::min<int64_t>(plan.positions, kMaxSpread + 1);
   plan.blocks = (args.Tq + plan.positions - 1) / plan.positions;
   plan.groups = args.B * args.Hkv * plan.blocks;
   plan.nq_max = static_cast<int>(plan.positions * plan.G);
@@ -254,15 +273,14 @@ Status attention(const AttentionArgs& args, const Parallel& parallel) {
       for (int64_t gi = begin; gi < end; ++gi) {
         Group g;
         int64_t b, j0;
-        const int64_t chunks = plan.describe(gi, g, buf.qf.data(), buf.hi.data(), &b, &j0);
+        const int64_t chunks = plan.describe(gi, g, buf.qf.data(), buf.lo.data(), buf.hi.data(), &b, &j0);
         std::fill(buf.m.begin(), buf.m.end(), -INFINITY);
         std::fill(buf.l.begin(), buf.l.end(), 0.0f);
         std::fill(buf.acc.begin(), buf.acc.end(), 0.0f);
         for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t t0 = g.lo + c * kChunk;
-          kern.chunk(g, t0, scratch, buf.m_c.data(), buf.l_c.data(), buf.a_c.data());
+          kern.chunk(g, c, scratch, buf.m_c.data(), buf.l_c.data(), buf.a_c.data());
           for (int qi = 0; qi < g.nq; ++qi) {
-            if (g.hi[qi] < t0) continue;
+            if (!g.sees(qi, c)) continue;
             kern.combine(D, &buf.m[qi], &buf.l[qi], buf.acc.data() + qi * D, buf.m_c[qi], buf.l_c[qi],
                          buf.a_c.data() + qi * D);
           }
@@ -289,13 +307,12 @@ Status attention(const AttentionArgs& args, const Parallel& parallel) {
       const int64_t gi = item / splits, sp = item % splits;
       Group g;
       int64_t b, j0;
-      const int64_t chunks = plan.describe(gi, g, buf.qf.data(), buf.hi.data(), &b, &j0);
+      const int64_t chunks = plan.describe(gi, g, buf.qf.data(), buf.lo.data(), buf.hi.data(), &b, &j0);
       for (int64_t c = sp * per_split; c < std::min(chunks, (sp + 1) * per_split); ++c) {
-        const int64_t t0 = g.lo + c * kChunk;
-        kern.chunk(g, t0, scratch, buf.m_c.data(), buf.l_c.data(), buf.a_c.data());
+        kern.chunk(g, c, scratch, buf.m_c.data(), buf.l_c.data(), buf.a_c.data());
         float* out = partials.data() + (gi * max_chunks + c) * nq * stride;
         for (int qi = 0; qi < g.nq; ++qi) {
-          if (g.hi[qi] < t0) continue;
+          if (!g.sees(qi, c)) continue;
           out[qi * stride] = buf.m_c[qi];
           out[qi * stride + 1] = buf.l_c[qi];
           std::memcpy(out + qi * stride + 2, buf.a_c.data() + qi * D, sizeof(float) * D);
@@ -308,13 +325,13 @@ Status attention(const AttentionArgs& args, const Parallel& parallel) {
     for (int64_t gi = begin; gi < end; ++gi) {
       Group g;
       int64_t b, j0;
-      const int64_t chunks = plan.describe(gi, g, buf.qf.data(), buf.hi.data(), &b, &j0);
+      const int64_t chunks = plan.describe(gi, g, buf.qf.data(), buf.lo.data(), buf.hi.data(), &b, &j0);
       for (int qi = 0; qi < g.nq; ++qi) {
         float m = -INFINITY, l = 0.0f;
         float* acc = buf.acc.data();
         std::fill(acc, acc + D, 0.0f);
         for (int64_t c = 0; c < chunks; ++c) {
-          if (g.hi[qi] < g.lo + c * kChunk) break;
+          if (!g.sees(qi, c)) break;
           const float* in = partials.data() + ((gi * max_chunks + c) * nq + qi) * stride;
           kern.combine(D, &m, &l, acc, in[0], in[1], in + 2);
         }

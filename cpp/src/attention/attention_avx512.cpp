@@ -1,14 +1,19 @@
 // attention: AVX-512 chunk kernel. Compiled with -mavx512*; called only when the CPU has AVX-512.
 //
-// Same arithmetic as the scalar kernel (attention_impl.h), lane by lane: a chunk's keys are
-// transposed to fp32 kt[d][64] so that one vector holds 16 keys, and each score is the fma chain
-// over d of broadcast(q[d]) * kt[d][keys] (exactly the scalar chain, 16 keys at a time). The
-// transposed chunk is reused by every query of the group (G heads x a block of positions), and so
-// is each loaded V row in the p.v accumulation, which is what makes decode stream K/V once per
-// GQA group. Short chunks mask lanes instead of changing the order of anything.
+// Same arithmetic as the scalar kernel (attention_impl.h), lane by lane: the keys of a step (the
+// union of the group's chunk c, at most kUnion = 80 keys, since under a sliding window the chunks
+// of neighbouring positions are offset by a key per position) are transposed to fp32 kt[d][key]
+// so that one vector holds 16 keys, and each score is the fma chain over d of
+// broadcast(q[d]) * kt[d][keys] (exactly the scalar chain, 16 keys at a time). A query then reads
+// its own chunk's scores at its offset in the union. The transposed keys are reused by every query
+// of the group (G heads x a block of positions), and so is each loaded V row in the p.v
+// accumulation, which is what makes decode stream K/V once per GQA group. Short chunks mask lanes
+// instead of changing the order of anything.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <climits>
+#include <type_traits>
 
 #include "attention_impl.h"
 
@@ -90,10 +95,60 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
+// The two fp32 values packed in each 32-bit lane of `pairs` (element 2c in the low half, 2c + 1
+// in the high half), for bf16 and fp16 storage. Exact, like every 16-bit -> fp32 conversion.
+inline __m512 low_half(__m512 pairs, bf16_t) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(pairs), 16));
+}
+inline __m512 high_half(__m512 pairs, bf16_t) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(pairs), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline __m512 low_half(__m512 pairs, fp16_t) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_castps_si512(pairs))); }
+inline __m512 high_half(__m512 pairs, fp16_t) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(pairs), 16)));
+}
+
+// 16-bit keys: transpose 16 keys x 32 elements of D as 16 x 16 32-bit pairs (half the shuffles of
+// converting first), then split each pair into two fp32 rows of kt. Shuffles only move bits.
+template <typename T>
+void transpose_keys_16bit(const Group& g, int64_t t0, int64_t t1, int nkv, float* kt) {
+  const AttentionArgs& a = *g.args;
+  const T* base = static_cast<const T*>(a.k) + g.kv_row * a.k_stride[0] + g.kv_head * a.k_stride[1];
+  const int64_t D = a.D;
+  for (int tb = 0; tb < nkv; ++tb) {
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const int64_t width = std::min<int64_t>(32, D - d0);
+      const __mmask32 dm = width == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << width) - 1u);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = t0 + tb * 16 + i;
+        const T* row = base + t * a.k_stride[2] + d0;
+        if (t >= t1) {
+          r[i] = _mm512_setzero_ps();
+        } else if (width == 32) {
+          r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(row));
+        } else {
+          r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(dm, row));
+        }
+      }
+      transpose16(r);
+      for (int64_t c = 0; 2 * c < width; ++c) {
+        float* out = kt + (d0 + 2 * c) * kKtStride + tb * 16;
+        _mm512_storeu_ps(out, low_half(r[c], T{}));
+        if (2 * c + 1 < width) _mm512_storeu_ps(out + kKtStride, high_half(r[c], T{}));
+      }
+    }
+  }
+}
+
 // kt[d][i] = k[t0 + i][d] for i < 16 * nkv (zeros past t1), fp32.
 template <typename T>
 void transpose_keys(const Group& g, int64_t t0, int64_t t1, int nkv, float* kt) {
   const AttentionArgs& a = *g.args;
+  if constexpr (!std::is_same_v<T, float>) {
+    transpose_keys_16bit<T>(g, t0, t1, nkv, kt);
+    return;
+  }
   const T* base = static_cast<const T*>(a.k) + g.kv_row * a.k_stride[0] + g.kv_head * a.k_stride[1];
   const int64_t D = a.D;
   for (int tb = 0; tb < nkv; ++tb) {
@@ -155,29 +210,30 @@ ScoresFn scores_kernel(int nq, int nkv) {
 // out[i][d0 .. d0 + 16 NDV) = fma chain over t < n[i] of p_i[t] * v[t][d0 ..]: each query's chain
 // only sees its own keys (masked fma leaves the accumulator untouched, bit for bit).
 template <typename T, int NQ, int NDV>
-void pv_tile(const T* v, int64_t v_row_stride, int nmax, const float* const* p, const int* n, __mmask16 last,
-             float* const* out) {
+void pv_tile(const T* v, int64_t v_row_stride, int u_begin, int u_end, const float* const* p, const int* begin,
+             const int* end, __mmask16 last, float* const* out) {
   // Local copies so the compiler keeps all NQ x NDV accumulators in registers.
   const float* pq[NQ];
-  int nq[NQ];
+  int bq[NQ], eq[NQ];
   for (int i = 0; i < NQ; ++i) {
     pq[i] = p[i];
-    nq[i] = n[i];
+    bq[i] = begin[i];
+    eq[i] = end[i];
   }
   __m512 acc[NQ][NDV];
 #pragma GCC unroll 8
   for (int i = 0; i < NQ; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NDV; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int t = 0; t < nmax; ++t) {
-    const T* row = v + t * v_row_stride;
+  for (int u = u_begin; u < u_end; ++u) {
+    const T* row = v + u * v_row_stride;
     __m512 x[NDV];
 #pragma GCC unroll 4
     for (int j = 0; j < NDV; ++j) x[j] = (j < NDV - 1 || last == 0xffff) ? load16(row + 16 * j) : load16(row + 16 * j, last);
 #pragma GCC unroll 8
     for (int i = 0; i < NQ; ++i) {
-      const __mmask16 on = static_cast<__mmask16>(-static_cast<int>(t < nq[i]));
-      const __m512 pb = _mm512_set1_ps(pq[i][t]);
+      const __mmask16 on = static_cast<__mmask16>(-static_cast<int>(u >= bq[i] && u < eq[i]));
+      const __m512 pb = _mm512_set1_ps(pq[i][u]);
 #pragma GCC unroll 4
       for (int j = 0; j < NDV; ++j) acc[i][j] = _mm512_mask3_fmadd_ps(pb, x[j], acc[i][j], on);
     }
@@ -190,7 +246,8 @@ void pv_tile(const T* v, int64_t v_row_stride, int nmax, const float* const* p, 
 }
 
 template <typename T>
-using PvFn = void (*)(const T*, int64_t, int, const float* const*, const int*, __mmask16, float* const*);
+using PvFn = void (*)(const T*, int64_t, int, int, const float* const*, const int*, const int*, __mmask16,
+                      float* const*);
 
 template <typename T, int NQ>
 constexpr PvFn<T> pv_for(int ndv) {
@@ -221,82 +278,97 @@ void prefetch_rows(const T* base, int64_t row_stride, int64_t rows, int64_t D) {
 }
 
 template <typename T>
-void chunk_avx512_typed(const Group& g, int64_t t0, const Scratch& s, float* m_c, float* l_c, float* a_c) {
+void chunk_avx512_typed(const Group& g, int64_t c, const Scratch& s, float* m_c, float* l_c, float* a_c) {
   const AttentionArgs& a = *g.args;
   const int64_t D = a.D;
-  const int64_t t1 = std::min(t0 + kChunk, g.max_hi + 1);
-  const int nkv = static_cast<int>((t1 - t0 + 15) / 16);
 
-  // Active queries (hi >= t0) and their key counts in this chunk.
+  // Queries that have a chunk c, and the union [u0, u1) of their chunks' keys.
   int* act = s.active;
+  int* off = s.offset;
   int* n = s.count;
   int na = 0;
+  int64_t u0 = INT64_MAX, u1 = INT64_MIN, max_hi = INT64_MIN;
   for (int qi = 0; qi < g.nq; ++qi) {
-    if (g.hi[qi] < t0) continue;
+    if (!g.sees(qi, c)) continue;
+    const int64_t start = g.chunk_start(qi, c), end = std::min(start + kChunk, g.hi[qi] + 1);
     act[na] = qi;
-    n[na] = static_cast<int>(std::min(t1, g.hi[qi] + 1) - t0);
+    n[na] = static_cast<int>(end - start);
     ++na;
+    u0 = std::min(u0, start);
+    u1 = std::max(u1, end);
+    max_hi = std::max(max_hi, g.hi[qi]);
   }
   if (na == 0) return;
+  for (int i = 0; i < na; ++i) off[i] = static_cast<int>(g.chunk_start(act[i], c) - u0);
+  const int width = static_cast<int>(u1 - u0);  // <= kUnion
+  const int nkv = (width + 15) / 16;
 
   const T* kbase = static_cast<const T*>(a.k) + g.kv_row * a.k_stride[0] + g.kv_head * a.k_stride[1];
-  const T* vbase = static_cast<const T*>(a.v) + g.kv_row * a.v_stride[0] + g.kv_head * a.v_stride[1] + t0 * a.v_stride[2];
+  const T* vbase = static_cast<const T*>(a.v) + g.kv_row * a.v_stride[0] + g.kv_head * a.v_stride[1] + u0 * a.v_stride[2];
   {
-    const int64_t end = g.max_hi + 1, next = std::min(t1 + kChunk, end);
-    prefetch_rows(vbase, a.v_stride[2], t1 - t0, D);
-    if (next > t1) prefetch_rows(kbase + t1 * a.k_stride[2], a.k_stride[2], next - t1, D);
+    const int64_t next = std::min(u1 + kChunk, max_hi + 1);
+    prefetch_rows(vbase, a.v_stride[2], width, D);
+    if (next > u1) prefetch_rows(kbase + u1 * a.k_stride[2], a.k_stride[2], next - u1, D);
   }
 
-  transpose_keys<T>(g, t0, t1, nkv, s.kt);
+  transpose_keys<T>(g, u0, u1, nkv, s.kt);
 
   const int tiles = (na + kMaxTileQueries - 1) / kMaxTileQueries;
   const int per_tile = (na + tiles - 1) / tiles;
 
-  // Scores.
-  for (int i0 = 0; i0 < na; i0 += per_tile) {
-    const int cnt = std::min(per_tile, na - i0);
-    const float* q[kMaxTileQueries];
-    float* out[kMaxTileQueries];
-    for (int i = 0; i < cnt; ++i) {
-      q[i] = g.qf + act[i0 + i] * D;
-      out[i] = s.p + act[i0 + i] * kChunk;
+  // Scores over the whole union (a score does not depend on where its key sits in the union).
+  for (int k0 = 0; k0 < nkv; k0 += 4) {
+    const int cnt_k = std::min(4, nkv - k0);
+    for (int i0 = 0; i0 < na; i0 += per_tile) {
+      const int cnt = std::min(per_tile, na - i0);
+      const float* q[kMaxTileQueries];
+      float* out[kMaxTileQueries];
+      for (int i = 0; i < cnt; ++i) {
+        q[i] = g.qf + act[i0 + i] * D;
+        out[i] = s.p + act[i0 + i] * kUnion + 16 * k0;
+      }
+      scores_kernel(cnt, cnt_k)(s.kt + 16 * k0, q, D, g.c2, out);
     }
-    scores_kernel(cnt, nkv)(s.kt, q, D, g.c2, out);
   }
 
-  // Chunk maximum, weights and their sum, per query.
+  // Chunk maximum, weights and their sum, per query, in lanes counted from its chunk's first key.
   for (int i = 0; i < na; ++i) {
-    float* p = s.p + act[i] * kChunk;
+    float* p = s.p + act[i] * kUnion + off[i];
+    const int nj = (n[i] + 15) / 16;
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int j = 0; j < nkv; ++j) mx = _mm512_mask_max_ps(mx, first_lanes(n[i] - 16 * j), mx, _mm512_loadu_ps(p + 16 * j));
+    for (int j = 0; j < nj; ++j) mx = _mm512_mask_max_ps(mx, first_lanes(n[i] - 16 * j), mx, _mm512_loadu_ps(p + 16 * j));
     const float m = _mm512_reduce_max_ps(mx);  // a max is exact in any order
     const __m512 mv = _mm512_set1_ps(m);
     __m512 sum = _mm512_setzero_ps();
-    for (int j = 0; j < nkv; ++j) {
+    for (int j = 0; j < nj; ++j) {
       const __m512 w = _mm512_maskz_mov_ps(first_lanes(n[i] - 16 * j), exp2v(_mm512_sub_ps(_mm512_loadu_ps(p + 16 * j), mv)));
       _mm512_storeu_ps(p + 16 * j, w);
-      sum = j == 0 ? w : _mm512_add_ps(sum, w);
+      sum = j == 0 ? w : _mm512_add_ps(sum, w);  // missing vectors would add exact zeros
     }
     m_c[act[i]] = m;
     l_c[act[i]] = tree_sum(sum);
   }
 
-  // p.v, 64 columns of D at a time.
+  // p.v, 64 columns of D at a time; each query's chain runs over its own keys in order.
+  int begin[kMaxTileQueries], end[kMaxTileQueries];
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    const int64_t width = std::min<int64_t>(64, D - d0);
-    const int ndv = static_cast<int>((width + 15) / 16);
-    const __mmask16 last = first_lanes(width - 16 * (ndv - 1));
+    const int64_t cols = std::min<int64_t>(64, D - d0);
+    const int ndv = static_cast<int>((cols + 15) / 16);
+    const __mmask16 last = first_lanes(cols - 16 * (ndv - 1));
     for (int i0 = 0; i0 < na; i0 += per_tile) {
       const int cnt = std::min(per_tile, na - i0);
       const float* p[kMaxTileQueries];
       float* out[kMaxTileQueries];
-      int nmax = 0;
+      int ub = kUnion, ue = 0;
       for (int i = 0; i < cnt; ++i) {
-        p[i] = s.p + act[i0 + i] * kChunk;
+        p[i] = s.p + act[i0 + i] * kUnion;
         out[i] = a_c + act[i0 + i] * D + d0;
-        nmax = std::max(nmax, n[i0 + i]);
+        begin[i] = off[i0 + i];
+        end[i] = off[i0 + i] + n[i0 + i];
+        ub = std::min(ub, begin[i]);
+        ue = std::max(ue, end[i]);
       }
-      pv_kernel<T>(cnt, ndv)(vbase + d0, a.v_stride[2], nmax, p, n + i0, last, out);
+      pv_kernel<T>(cnt, ndv)(vbase + d0, a.v_stride[2], ub, ue, p, begin, end, last, out);
     }
   }
 }

@@ -1,6 +1,6 @@
 // Internal to the attention kernels: the canonical arithmetic shared by every SIMD level, and the
 // interface between the driver (attention.cpp: grouping, threads, conversions) and the per-level
-// chunk kernels (attention.cpp scalar, attention_avx512.cpp).
+// chunk kernels (attention.cpp scalar, attention_avx2.cpp, attention_avx512.cpp).
 //
 // The canonical arithmetic (each SIMD level performs exactly these IEEE fp32 operations, so the
 // scalar and AVX-512 paths agree bit for bit; see the invariance argument in attention.cpp):
@@ -15,6 +15,7 @@
 //   combine      m' = max(m, m_c); alpha = exp2(m - m'); beta = exp2(m_c - m');
 //                l = fma(l, alpha, l_c * beta); acc[d] = fma(acc[d], alpha, a_c[d] * beta)
 //   output[d]    = acc[d] / l  (l == 0: no visible key, zeros)
+// (NaN/inf inputs give NaN outputs; exactly which ones and their payloads are not part of this.)
 #pragma once
 
 #include <cmath>
@@ -28,9 +29,13 @@ namespace margingate::attention_impl {
 // Keys per chunk: a constant of the contract. Changing it changes results in the last bits.
 constexpr int64_t kChunk = 64;
 constexpr int64_t kMaxHeadDim = 256;
-// Floats per row of the transposed key buffer: one chunk plus 16, so that its rows do not sit 4 KiB
-// apart from the K rows being loaded (false store-to-load aliasing stalls the transposition).
-constexpr int64_t kKtStride = kChunk + 16;
+// The queries of a group may start their chunks up to kMaxSpread keys apart (consecutive positions
+// under a sliding window), so one step of a group covers at most kUnion keys.
+constexpr int64_t kMaxSpread = 16;
+constexpr int64_t kUnion = kChunk + kMaxSpread;
+// Floats per row of the transposed key buffer: the union plus 16, so that its rows do not sit
+// 4 KiB apart from the K rows being loaded (false store-to-load aliasing stalls the transposition).
+constexpr int64_t kKtStride = kUnion + 16;
 
 // log2(e): scores are kept in base 2 so each exponential is one exp2.
 constexpr double kLog2e = 1.4426950408889634;
@@ -65,31 +70,37 @@ inline float exp2_nonpositive(float x) {
   return y * two_n;
 }
 
-// Queries that share one kv head, one k/v row and one first visible key `lo`, so they share the
-// chunk grid. Query i has fp32 vector qf[i * D ...] and last visible key hi[i] (inclusive).
+// Queries that share one kv head and one k/v row, processed together so that each loaded K/V
+// tile serves all of them. Query i has fp32 vector qf[i * D ...] and sees keys [lo[i], hi[i]];
+// its chunk c is keys [lo[i] + 64 c, min(lo[i] + 64 c + 64, hi[i] + 1)). The lo's of a group lie
+// within kMaxSpread of each other, so chunk c of every query falls inside kUnion keys.
 struct Group {
   const AttentionArgs* args = nullptr;
   int64_t kv_row = 0;  // row of k/v
   int64_t kv_head = 0;
-  int64_t lo = 0;      // first visible key of every query of the group
-  int64_t max_hi = 0;  // max of hi[]
   int nq = 0;
-  const float* qf = nullptr;   // [nq][D]
-  const int64_t* hi = nullptr; // [nq]
-  float c2 = 0.0f;             // scale * log2(e)
+  const float* qf = nullptr;    // [nq][D]
+  const int64_t* lo = nullptr;  // [nq] first visible key
+  const int64_t* hi = nullptr;  // [nq] last visible key (inclusive)
+  float c2 = 0.0f;              // scale * log2(e)
+
+  int64_t chunk_start(int qi, int64_t c) const { return lo[qi] + c * kChunk; }
+  // Does query qi have a chunk c?
+  bool sees(int qi, int64_t c) const { return hi[qi] >= chunk_start(qi, c); }
 };
 
 // Per-thread scratch, sized for one group.
 struct Scratch {
-  float* kt = nullptr;  // [D][kKtStride] transposed, fp32 keys of the chunk
-  float* p = nullptr;   // [nq][kChunk] scores, then weights
-  int* active = nullptr;  // [nq] queries that see the chunk
+  float* kt = nullptr;    // [D][kKtStride] transposed, fp32 keys of the union
+  float* p = nullptr;     // [nq][kUnion] scores, then weights, at their key's offset in the union
+  int* active = nullptr;  // [nq] queries that have the chunk
+  int* offset = nullptr;  // [nq] their chunk's first key, relative to the union's
   int* count = nullptr;   // [nq] their keys in the chunk
 };
 
-// Computes the partial (m_c, l_c, a_c[D]) of every query of the group whose hi >= t0 for the chunk
-// starting at key t0 (other queries' entries are left untouched).
-using ChunkFn = void (*)(const Group& g, int64_t t0, const Scratch& s, float* m_c, float* l_c, float* a_c);
+// Computes the partial (m_c, l_c, a_c[D]) of chunk c of every query of the group that has one
+// (other queries' entries are left untouched).
+using ChunkFn = void (*)(const Group& g, int64_t c, const Scratch& s, float* m_c, float* l_c, float* a_c);
 // Folds a chunk partial into a query's running state (m, l, acc[D]).
 using CombineFn = void (*)(int64_t D, float* m, float* l, float* acc, float m_c, float l_c, const float* a_c);
 
@@ -99,6 +110,7 @@ struct Kernels {
 };
 
 const Kernels& kernels_scalar();
+const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
 
 // Element access with element strides, for the scalar path and the driver.

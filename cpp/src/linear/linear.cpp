@@ -6,8 +6,8 @@
 // fixed per SIMD level and independent of M, of the row's position, of the strides, of the tile
 // the element falls in and of the thread that computes it:
 //
-//   1. K-reduction.  A level has L lanes (avx512: 16, avx2: 8, scalar: 8 plain floats). One fp32 accumulator
-//      vector per output element starts at +0. K is walked in chunks, always from k = 0 upward in
+//   1. K-reduction.  A level has L lanes (avx512: 16, avx2: 8, scalar: 8 plain floats). One
+//      fp32 accumulator vector per output element starts at +0. K is walked in chunks, always from k = 0 upward in
 //      steps of the chunk size (avx512: 32 for bf16, 16 for fp16/fp32; avx2 and scalar: 8); a
 //      chunk updates the accumulator with ONE fixed instruction:
 //        avx512 bf16  acc = vdpbf16ps(acc, x[k:k+32], w[k:k+32])   (lane l: pairs 2l, 2l+1)
@@ -25,14 +25,18 @@
 //      shuffle network that performs, for every accumulator, precisely this tree (the slot an
 //      accumulator occupies in the network does not change its additions).
 //   3. Epilogue.  y = sum + bias[n] (one fp32 add, bias widened exactly), rounded once to the
-//      output dtype with the scalar round-to-nearest-even helpers of common.h.
+//      output dtype, round-to-nearest-even exactly as the scalar helpers of common.h (avx512
+//      stores a tile row with vector code that reproduces them bit for bit, NaN included).
 //
 // Packing (copying x or w rows that are not contiguous along K into scratch, widening fp16/bf16
-// x to fp32) changes no value, so strides cannot change the result either. Threads only decide
-// which tiles they compute (run_tiles in linear_impl.h), never how an element is computed.
+// x to fp32, avx512's chunk-interleaved copy of long x rows) changes no value, so strides and
+// layouts cannot change the result either. Threads only decide which tiles they compute
+// (run_blocks in linear_impl.h, work units taken from a shared counter), never how an element is
+// computed.
 // Different SIMD levels are different (each fixed) sequences: a process uses one level
 // (simd_level() is read once), and the tests check each level on its own.
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "linear_impl.h"
@@ -78,28 +82,66 @@ void linear_scalar(const Problem& p, const Parallel& parallel) {
 
 namespace {
 
-// Copies `rows` rows of `cols` elements (element (r, c) at src[r*rs + c*cs], `esize` bytes each)
-// into a dense [rows, cols] buffer. Only bits move.
-void pack_rows(const void* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int64_t esize,
-               void* dst, const Parallel& parallel) {
-  const char* s = static_cast<const char*>(src);
-  char* d = static_cast<char*>(dst);
-  // Blocks of 16 rows x 64 columns keep a transposed source (cs large, rs = 1) cache friendly.
-  constexpr int64_t kRb = 16, kCb = 64;
-  const int64_t row_blocks = (rows + kRb - 1) / kRb;
-  parallel.for_range(row_blocks, rows * cols < (1 << 16) ? row_blocks : 1, [&](int64_t b, int64_t e) {
-    for (int64_t rb = b * kRb; rb < std::min(rows, e * kRb); rb += kRb) {
-      const int64_t re = std::min(rows, rb + kRb);
-      for (int64_t cb = 0; cb < cols; cb += kCb) {
-        const int64_t ce = std::min(cols, cb + kCb);
-        for (int64_t r = rb; r < re; ++r) {
-          for (int64_t c = cb; c < ce; ++c) {
-            std::memcpy(d + (r * cols + c) * esize, s + (r * rs + c * cs) * esize, static_cast<size_t>(esize));
+// Copies `rows` rows of `cols` elements (element (r, c) at src[r*rs + c*cs]) into rows of
+// `dst_stride` elements. Only bits move. Works in 32 x 32 blocks, walking the source's contiguous
+// direction inner-most, so a transposed source (rs = 1, cs large: mm's b read as linear's weight)
+// is read a cache line at a time; the caller pads dst_stride off multiples of 4 KiB so the 32
+// destination lines of a block do not all compete for one L1 set.
+template <typename T>
+void pack_rows_typed(const T* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, T* dst, int64_t dst_stride,
+                     const Parallel& parallel) {
+  // 32 x 32 blocks inside 256 x 256 super-blocks: a super-block touches 256 source and 256
+  // destination rows (pages), few enough for the TLB, before moving on.
+  constexpr int64_t kB = 32, kSuper = 256;
+  const int64_t row_supers = (rows + kSuper - 1) / kSuper;
+  parallel.for_range(row_supers, rows * cols < (1 << 16) ? row_supers : 1, [&](int64_t b, int64_t e) {
+    for (int64_t rs0 = b * kSuper; rs0 < std::min(rows, e * kSuper); rs0 += kSuper) {
+      const int64_t rs1 = std::min(rows, rs0 + kSuper);
+      for (int64_t cs0 = 0; cs0 < cols; cs0 += kSuper) {
+        const int64_t cs1 = std::min(cols, cs0 + kSuper);
+        for (int64_t rb = rs0; rb < rs1; rb += kB) {
+          const int64_t re = std::min(rs1, rb + kB);
+          for (int64_t cb = cs0; cb < cs1; cb += kB) {
+            const int64_t ce = std::min(cs1, cb + kB);
+            if (rs < cs) {
+              // Transposed source: gather the block through a small local tile, reading source
+              // lines and writing destination lines whole (and free of aliasing worries).
+              T tile[kB][kB];
+              for (int64_t c = cb; c < ce; ++c) {
+                for (int64_t r = rb; r < re; ++r) tile[c - cb][r - rb] = src[r * rs + c * cs];
+              }
+              for (int64_t r = rb; r < re; ++r) {
+                T* d = dst + r * dst_stride;
+                for (int64_t c = cb; c < ce; ++c) d[c] = tile[c - cb][r - rb];
+              }
+            } else {
+              for (int64_t r = rb; r < re; ++r) {
+                for (int64_t c = cb; c < ce; ++c) dst[r * dst_stride + c] = src[r * rs + c * cs];
+              }
+            }
           }
         }
       }
     }
   });
+}
+
+void pack_rows(const void* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int64_t esize, void* dst,
+               int64_t dst_stride, const Parallel& parallel) {
+  if (esize == 4) {
+    pack_rows_typed(static_cast<const uint32_t*>(src), rows, cols, rs, cs, static_cast<uint32_t*>(dst), dst_stride,
+                    parallel);
+  } else {
+    pack_rows_typed(static_cast<const uint16_t*>(src), rows, cols, rs, cs, static_cast<uint16_t*>(dst), dst_stride,
+                    parallel);
+  }
+}
+
+// A row stride for packed rows of K elements: K rounded up to 64 bytes plus one more line, so
+// consecutive rows never sit a multiple of 4 KiB apart.
+int64_t padded_stride(int64_t K, int64_t esize) {
+  const int64_t line = 64 / esize;
+  return (K + line - 1) / line * line + line;
 }
 
 // Widens `rows` x `cols` 16-bit floats (any strides) to a dense fp32 buffer; exact.
@@ -136,25 +178,28 @@ Status linear(const LinearArgs& a, const Parallel& parallel) {
 
   // x: the SIMD levels take fp16 x (and, at avx2, bf16 x) already widened to fp32, so the
   // micro-kernels convert only the weight; everything else is read in place when contiguous.
-  std::vector<float> x_wide;
-  std::vector<char> x_packed;
+  // Scratch is default-initialised (new T[n], not std::vector): zero-filling a packed weight
+  // would be one more pass over it; the padding between packed rows is never read.
+  std::unique_ptr<float[]> x_wide;
+  std::unique_ptr<char[]> x_packed;
   const bool widen_x = a.K > 0 && ((a.dtype == DType::kFloat16 && level != SimdLevel::kScalar) ||
                                    (a.dtype == DType::kBFloat16 && level == SimdLevel::kAvx2));
   if (widen_x) {
-    x_wide.resize(static_cast<size_t>(a.M * a.K));
+    x_wide.reset(new float[static_cast<size_t>(a.M * a.K)]);
     if (a.dtype == DType::kFloat16) {
-      widen_rows(static_cast<const fp16_t*>(a.x), a.M, a.K, a.x_row_stride, a.x_col_stride, x_wide.data(), parallel);
+      widen_rows(static_cast<const fp16_t*>(a.x), a.M, a.K, a.x_row_stride, a.x_col_stride, x_wide.get(), parallel);
     } else {
-      widen_rows(static_cast<const bf16_t*>(a.x), a.M, a.K, a.x_row_stride, a.x_col_stride, x_wide.data(), parallel);
+      widen_rows(static_cast<const bf16_t*>(a.x), a.M, a.K, a.x_row_stride, a.x_col_stride, x_wide.get(), parallel);
     }
-    p.x = x_wide.data();
+    p.x = x_wide.get();
     p.x_row_stride = a.K;
     p.x_is_float = true;
   } else if (a.K > 1 && a.x_col_stride != 1) {
-    x_packed.resize(static_cast<size_t>(a.M * a.K * esize));
-    pack_rows(a.x, a.M, a.K, a.x_row_stride, a.x_col_stride, esize, x_packed.data(), parallel);
-    p.x = x_packed.data();
-    p.x_row_stride = a.K;
+    const int64_t stride = padded_stride(a.K, esize);
+    x_packed.reset(new char[static_cast<size_t>(a.M * stride * esize)]);
+    pack_rows(a.x, a.M, a.K, a.x_row_stride, a.x_col_stride, esize, x_packed.get(), stride, parallel);
+    p.x = x_packed.get();
+    p.x_row_stride = stride;
   } else {
     p.x = a.x;
     p.x_row_stride = a.x_row_stride;
@@ -162,12 +207,13 @@ Status linear(const LinearArgs& a, const Parallel& parallel) {
 
   // w: read in place when each row is contiguous (nn.Linear weights); otherwise (mm routed as
   // linear(a, b^T)) packed to [N, K] in its own dtype -- a bf16 weight stays bf16.
-  std::vector<char> w_packed;
+  std::unique_ptr<char[]> w_packed;
   if (a.K > 1 && a.w_col_stride != 1) {
-    w_packed.resize(static_cast<size_t>(a.N * a.K * esize));
-    pack_rows(a.w, a.N, a.K, a.w_row_stride, a.w_col_stride, esize, w_packed.data(), parallel);
-    p.w = w_packed.data();
-    p.w_row_stride = a.K;
+    const int64_t stride = padded_stride(a.K, esize);
+    w_packed.reset(new char[static_cast<size_t>(a.N * stride * esize)]);
+    pack_rows(a.w, a.N, a.K, a.w_row_stride, a.w_col_stride, esize, w_packed.get(), stride, parallel);
+    p.w = w_packed.get();
+    p.w_row_stride = stride;
   } else {
     p.w = a.w;
     p.w_row_stride = a.w_row_stride;

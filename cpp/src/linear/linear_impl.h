@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "margingate/common.h"
@@ -53,44 +54,68 @@ void linear_avx512(const Problem& p, const Parallel& parallel);
 namespace margingate::linear_impl {
 
 // The work decomposition every level uses: output tiles of up to mr x nr elements, grouped into
-// panels of nr weight rows. Threads take contiguous ranges of panels (and, when there are too few
-// panels to keep every thread busy, also split the rows into groups); within a range, rows are
-// walked in blocks of `m_block` so the x block stays in cache while the weight panels stream by.
-// Only *which* tile a thread computes depends on the shape and the thread count: the tile
-// function computes every element of it with the same fixed K-reduction, so none of this
+// panels of nr weight rows. The work is cut into units (a group of rows x a run of panels; rows
+// are split into groups only when there are too few panels to keep every thread busy) that the
+// threads take from a shared counter as they go, so a thread the OS preempts (these machines
+// are shared) does not hold up the rest. Within a unit, rows are walked in blocks of `m_block`
+// so the x block stays in cache while the unit's weight panels stream by.
+// Only *which* tile a thread computes depends on the shape, the thread count and the timing: the
+// tile function computes every element of it with the same fixed K-reduction, so none of this
 // changes a bit of the result.
 //
-// tile(m0, rows, n0, cols) computes output rows [m0, m0+rows) x columns [n0, n0+cols), with
-// rows <= mr and cols <= nr.
-template <typename TileFn>
-void run_tiles(const Problem& p, const Parallel& parallel, int64_t mr, int64_t nr, int64_t m_block,
-               TileFn&& tile) {
+// block(m_lo, m_hi, n0, cols) computes output rows [m_lo, m_hi) (at most m_block, a multiple of
+// mr except at the end) x columns [n0, n0+cols), cols <= nr.
+template <typename BlockFn>
+void run_blocks(const Problem& p, const Parallel& parallel, int64_t mr, int64_t nr, int64_t m_block,
+                BlockFn&& block) {
   const int64_t panels = (p.N + nr - 1) / nr;
   const int64_t m_tiles = (p.M + mr - 1) / mr;
   const int64_t threads = parallel.num_threads < 1 ? 1 : parallel.num_threads;
   int64_t groups = 1;
   if (panels < 2 * threads) groups = std::min<int64_t>(m_tiles, (2 * threads + panels - 1) / panels);
   const int64_t tiles_per_group = (m_tiles + groups - 1) / groups;
-  const int64_t items = groups * panels;
+  // About 8 units per thread: fine enough to balance, coarse enough to keep each x block busy.
+  const int64_t unit_panels = std::max<int64_t>(1, panels * groups / (8 * threads));
+  const int64_t units_per_group = (panels + unit_panels - 1) / unit_panels;
+  const int64_t units = groups * units_per_group;
+  m_block = std::max<int64_t>(mr, m_block / mr * mr);
+  auto run_unit = [&](int64_t u) {
+    const int64_t g = u / units_per_group;
+    const int64_t pb = (u % units_per_group) * unit_panels, pe = std::min(panels, pb + unit_panels);
+    const int64_t m_lo = std::min(p.M, g * tiles_per_group * mr);
+    const int64_t m_hi = std::min(p.M, (g + 1) * tiles_per_group * mr);
+    for (int64_t mb = m_lo; mb < m_hi; mb += m_block) {
+      const int64_t mb_end = std::min(m_hi, mb + m_block);
+      for (int64_t panel = pb; panel < pe; ++panel) {
+        const int64_t n0 = panel * nr;
+        block(mb, mb_end, n0, std::min(nr, p.N - n0));
+      }
+    }
+  };
   // Small problems are not worth waking a second thread for (~10 us of fork/join).
   const double work = static_cast<double>(p.M) * static_cast<double>(p.N) * static_cast<double>(p.K);
-  const int64_t grain = work < 2e5 ? items : 1;
-  m_block = std::max<int64_t>(mr, m_block / mr * mr);
-  parallel.for_range(items, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const int64_t g = i / panels, pb = i % panels;
-      const int64_t pe = std::min(panels, pb + (end - i));
-      const int64_t m_lo = std::min(p.M, g * tiles_per_group * mr);
-      const int64_t m_hi = std::min(p.M, (g + 1) * tiles_per_group * mr);
-      for (int64_t mb = m_lo; mb < m_hi; mb += m_block) {
-        const int64_t mb_end = std::min(m_hi, mb + m_block);
-        for (int64_t panel = pb; panel < pe; ++panel) {
-          const int64_t n0 = panel * nr, cols = std::min(nr, p.N - n0);
-          for (int64_t m0 = mb; m0 < mb_end; m0 += mr) tile(m0, std::min(mr, mb_end - m0), n0, cols);
-        }
+  if (threads == 1 || units == 1 || work < 2e5) {
+    for (int64_t u = 0; u < units; ++u) run_unit(u);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel.for_range(threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < units;
+           u = next.fetch_add(1, std::memory_order_relaxed)) {
+        run_unit(u);
       }
-      i += pe - pb;
     }
+  });
+}
+
+// tile(m0, rows, n0, cols) computes output rows [m0, m0+rows) x columns [n0, n0+cols), with
+// rows <= mr and cols <= nr.
+template <typename TileFn>
+void run_tiles(const Problem& p, const Parallel& parallel, int64_t mr, int64_t nr, int64_t m_block,
+               TileFn&& tile) {
+  run_blocks(p, parallel, mr, nr, m_block, [&](int64_t m_lo, int64_t m_hi, int64_t n0, int64_t cols) {
+    for (int64_t m0 = m_lo; m0 < m_hi; m0 += mr) tile(m0, std::min(mr, m_hi - m0), n0, cols);
   });
 }
 

