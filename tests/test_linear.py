@@ -257,7 +257,9 @@ def test_other_simd_levels_are_invariant_on_their_own(level):
         pytest.skip("this CPU has no AVX2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, MARGINGATE_SIMD=level)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "python"), root, env.get("PYTHONPATH", "")])
+    # The subprocess must import the same margingate as this test (installed or the dev build).
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(margingate.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([package_parent, root, env.get("PYTHONPATH", "")])
     out = subprocess.run(
         [sys.executable, "-c", _LEVEL_SCRIPT.format(level=level)],
         env=env,
