@@ -22,7 +22,7 @@ from transformers import (
 
 import margingate
 from margingate.generation import MarginGateProcessor
-from models import build_model
+from tests.models import build_model
 
 FAMILIES = ("llama", "gemma3_text")
 NEW_TOKENS = 24
