@@ -34,6 +34,16 @@ __all__ += ["load_default_model", "load_model", "prompt_sets"]
 __version__ = "0.1.0"
 
 # --- generation (MarginGate policies, the HF logits-processor hook)
-from .generation import POLICIES, GenerationResult, MarginGateProcessor, generate  # noqa: E402
+try:
+    from .generation import POLICIES, GenerationResult, MarginGateProcessor, generate
+except ModuleNotFoundError as error:  # transformers is the optional [hf] extra
+    if error.name != "transformers" and not str(error.name).startswith("transformers."):
+        raise
+    POLICIES = ("off", "margin", "always", "invariant")
+
+    def _needs_transformers(*args, **kwargs):
+        raise ImportError('margingate generation needs transformers: pip install "margingate[hf]"')
+
+    GenerationResult = MarginGateProcessor = generate = _needs_transformers
 
 __all__ += ["POLICIES", "GenerationResult", "MarginGateProcessor", "generate"]

@@ -427,7 +427,9 @@ class GenerationResult:
     ``sequences[i]``: the generated token ids of prompt ``i`` (no prompt, no padding; up to and
     including the first EOS when stopping at EOS). ``stats``: ``steps`` (decode steps of unfinished
     rows), ``verified``, ``repairs`` (verified steps whose token changed), ``trigger_rate``
-    (= verified / steps), ``repair_margins`` (fast-path margin at each repair), ``per_row`` (the
+    (= verified / steps), ``replayed_positions`` (positions the verifier recomputed: each
+    verification replays the row from its first non-canonical position), ``repair_margins``
+    (fast-path margin at each repair), ``per_row`` (the
     same per prompt, in prompt order, plus ``repair_steps``), ``seconds`` (wall time of the
     ``model.generate`` calls), ``policy``, ``threshold``. ``margins[i]``: prompt ``i``'s fast-path
     margin at every step, when asked for with ``record_margins=True``.
