@@ -23,6 +23,12 @@ struct ColumnsView {
 // Every index is validated first (range, duplicates of a (row, position) pair, shapes); on any
 // error nothing is written and the Status names the argument. Costs O(n * heads * head_dim):
 // the cache is never copied.
+// The validation alone (shapes, index ranges, duplicate pairs), with the same messages; kv_patch
+// runs it first, and the CUDA launcher runs it on host copies of the indices before any launch.
+Status kv_patch_validate(const CacheView& k_cache, const CacheView& v_cache, const int64_t* rows,
+                         const int64_t* positions, int64_t n, const ColumnsView& k_new,
+                         const ColumnsView& v_new);
+
 Status kv_patch(DType dtype, const CacheView& k_cache, const CacheView& v_cache,
                 const int64_t* rows, const int64_t* positions, int64_t n, const ColumnsView& k_new,
                 const ColumnsView& v_new);

@@ -36,10 +36,9 @@ void write_column(const CacheView& cache, int64_t row, int64_t pos, const Column
 
 }  // namespace
 
-Status kv_patch(DType dtype, const CacheView& k_cache, const CacheView& v_cache,
-                const int64_t* rows, const int64_t* positions, int64_t n, const ColumnsView& k_new,
-                const ColumnsView& v_new) {
-  // ---- validate everything before the first write ----
+Status kv_patch_validate(const CacheView& k_cache, const CacheView& v_cache, const int64_t* rows,
+                         const int64_t* positions, int64_t n, const ColumnsView& k_new,
+                         const ColumnsView& v_new) {
   const int64_t dims_k[4] = {k_cache.batch, k_cache.heads, k_cache.capacity, k_cache.head_dim};
   const int64_t dims_v[4] = {v_cache.batch, v_cache.heads, v_cache.capacity, v_cache.head_dim};
   static const char* dim_names[4] = {"batch", "heads", "capacity", "head_dim"};
@@ -74,6 +73,15 @@ Status kv_patch(DType dtype, const CacheView& k_cache, const CacheView& v_cache,
     return Status::error("margingate.kv_patch_: (row, position) = (" + std::to_string(dup->first) + ", " +
                          std::to_string(dup->second) + ") appears more than once in rows/positions");
   }
+  return Status::success();
+}
+
+Status kv_patch(DType dtype, const CacheView& k_cache, const CacheView& v_cache,
+                const int64_t* rows, const int64_t* positions, int64_t n, const ColumnsView& k_new,
+                const ColumnsView& v_new) {
+  // Validate everything before the first write.
+  Status valid = kv_patch_validate(k_cache, v_cache, rows, positions, n, k_new, v_new);
+  if (!valid.ok()) return valid;
   // ---- write ----
   const int64_t esize = dtype_size(dtype);
   for (int64_t i = 0; i < n; ++i) {

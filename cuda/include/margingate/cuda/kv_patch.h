@@ -10,13 +10,10 @@
 
 namespace margingate::cuda {
 
-// Checks every index and shape on the host, exactly like the CPU core (range of rows and
-// positions, duplicate (row, position) pairs, matching shapes). rows_host / positions_host are
-// host copies of the indices: a caller holding them on the GPU must copy them to the host first,
+// Indices and shapes are checked on the host by the core's kv_patch_validate (the CPU op's exact
+// checks and messages): a caller holding the indices on the GPU must copy them to the host first,
 // which synchronises with the stream (the price of "nothing is written on a bad index").
-Status kv_patch_validate(const CacheView& k_cache, const CacheView& v_cache, const int64_t* rows_host,
-                         const int64_t* positions_host, int64_t n, const ColumnsView& k_new,
-                         const ColumnsView& v_new);
+using ::margingate::kv_patch_validate;
 
 // For i in [0, n): k_cache[rows[i], :, positions[i], :] = k_new[i] and the same for v, on `stream`.
 // All data pointers (caches, columns, rows_device, positions_device) are device memory. The
