@@ -363,6 +363,9 @@ class MarginGateProcessor(LogitsProcessor):
             attention_mask=self._mask,
             past_key_values=self.cache,
             rows=rows_dev,
+            # Only the current position's logits are used; the lm head is row-invariant, so
+            # skipping the window's earlier positions leaves these bits unchanged.
+            logits_to_keep=1,
         )
         verified = verified_logits[:, -1].to(dtype=scores.dtype, device=scores.device)
         changed = (verified.argmax(dim=-1) != top1.index_select(0, rows_dev)).cpu()
