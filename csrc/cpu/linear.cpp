@@ -1,6 +1,5 @@
 // CPU registration of margingate::linear.
-#include "margingate/linear.h"
-#include "torch_utils.h"
+#include "linear_args.h"
 
 namespace margingate::binding {
 
@@ -38,24 +37,7 @@ at::Tensor linear_cpu(const at::Tensor& x,                   // [..., K]
   const at::Tensor x2 = x.reshape({M, K});
   at::Tensor y = at::empty({M, N}, x.options());
 
-  LinearArgs a;
-  a.dtype = dtype;
-  a.x = x2.data_ptr();
-  a.M = M;
-  a.K = K;
-  a.x_row_stride = x2.stride(0);
-  a.x_col_stride = x2.stride(1);
-  a.w = weight.data_ptr();
-  a.N = N;
-  a.w_row_stride = weight.stride(0);
-  a.w_col_stride = weight.stride(1);
-  if (bias.has_value()) {
-    a.bias = bias->data_ptr();
-    a.bias_stride = bias->stride(0);
-  }
-  a.y = y.data_ptr();
-  a.y_row_stride = y.stride(0);
-  a.y_col_stride = y.stride(1);
+  const LinearArgs a = linear_args(dtype, x2, weight, bias, y);
   check_status(linear(a, torch_parallel()));
   return y.view(out_shape);
 }

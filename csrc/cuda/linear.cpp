@@ -3,8 +3,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "linear_args.h"
 #include "margingate/cuda/linear.h"
-#include "torch_utils.h"
 
 namespace margingate::binding {
 
@@ -43,24 +43,7 @@ at::Tensor linear_cuda(const at::Tensor& x,                    // [..., K]
   if (M == 0 || N == 0) return y;
   const at::Tensor y2 = y.view({M, N});
 
-  LinearArgs a;
-  a.dtype = dtype;
-  a.x = x2.data_ptr();
-  a.M = M;
-  a.K = K;
-  a.x_row_stride = x2.stride(0);
-  a.x_col_stride = x2.stride(1);
-  a.w = weight.data_ptr();
-  a.N = N;
-  a.w_row_stride = weight.stride(0);
-  a.w_col_stride = weight.stride(1);
-  if (bias.has_value()) {
-    a.bias = bias->data_ptr();
-    a.bias_stride = bias->stride(0);
-  }
-  a.y = y2.data_ptr();
-  a.y_row_stride = y2.stride(0);
-  a.y_col_stride = y2.stride(1);
+  const LinearArgs a = linear_args(dtype, x2, weight, bias, y2);
   C10_CUDA_CHECK(::margingate::cuda::linear(a, c10::cuda::getCurrentCUDAStream()));
   return y;
 }
