@@ -2,8 +2,7 @@
 #include <cmath>
 #include <optional>
 
-#include "margingate/attention.h"
-#include "torch_utils.h"
+#include "attention_args.h"
 
 namespace margingate::binding {
 
@@ -72,30 +71,9 @@ at::Tensor attention_cpu(const at::Tensor& q,                        // [B, Hq, 
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
-  AttentionArgs a;
-  a.dtype = dtype;
-  a.q = q.data_ptr();
-  a.B = B;
-  a.Hq = Hq;
-  a.Tq = Tq;
-  a.D = D;
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.Hkv = Hkv;
-  a.Tk = Tk;
-  a.Bkv = Bkv;
-  for (int d = 0; d < 4; ++d) {
-    a.q_stride[d] = q.stride(d);
-    a.k_stride[d] = k.stride(d);
-    a.v_stride[d] = v.stride(d);
-    a.o_stride[d] = out.stride(d);
-  }
-  a.kv_rows = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
-  a.kv_start = start.defined() ? start.data_ptr<int64_t>() : nullptr;
-  a.causal = causal;
-  a.scale = static_cast<float>(s);
-  a.window = window.has_value() ? *window : 0;
-  a.o = out.data_ptr();
+  const AttentionArgs a = attention_args(dtype, q, k, v, out, rows.defined() ? rows.data_ptr<int64_t>() : nullptr,
+                                         start.defined() ? start.data_ptr<int64_t>() : nullptr, causal, s,
+                                         window.has_value() ? *window : 0);
   check_status(attention(a, torch_parallel()));
   return out;
 }

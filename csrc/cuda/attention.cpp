@@ -5,8 +5,8 @@
 
 #include <cmath>
 
+#include "attention_args.h"
 #include "margingate/cuda/attention.h"
-#include "torch_utils.h"
 
 namespace margingate::binding {
 
@@ -61,30 +61,10 @@ at::Tensor attention_cuda(const at::Tensor& q,                         // [B, Hq
 
   at::Tensor o = at::empty({B, Hq, Tq, D}, q.options());
   if (B == 0 || Tq == 0) return o;
-  AttentionArgs a;
-  a.dtype = dtype;
-  a.q = q.data_ptr();
-  a.B = B;
-  a.Hq = Hq;
-  a.Tq = Tq;
-  a.D = D;
-  a.k = k.data_ptr();
-  a.Hkv = Hkv;
-  a.Tk = Tk;
-  a.v = v.data_ptr();
-  a.Bkv = Bkv;
-  for (int d = 0; d < 4; ++d) {
-    a.q_stride[d] = q.stride(d);
-    a.k_stride[d] = k.stride(d);
-    a.v_stride[d] = v.stride(d);
-    a.o_stride[d] = o.stride(d);
-  }
-  a.kv_rows = kv_rows.has_value() ? rows_dev.data_ptr<int64_t>() : nullptr;
-  a.kv_start = kv_start.has_value() ? start_dev.data_ptr<int64_t>() : nullptr;
-  a.causal = causal;
-  a.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D)));
-  a.window = window.has_value() ? *window : 0;
-  a.o = o.data_ptr();
+  const AttentionArgs a = attention_args(
+      dtype, q, k, v, o, kv_rows.has_value() ? rows_dev.data_ptr<int64_t>() : nullptr,
+      kv_start.has_value() ? start_dev.data_ptr<int64_t>() : nullptr, causal,
+      scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D)), window.has_value() ? *window : 0);
   const size_t ws_bytes = ::margingate::cuda::attention_workspace_bytes(a);
   at::Tensor workspace;
   if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
