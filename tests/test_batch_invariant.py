@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import margingate
-from margingate.canonical import position_ids_from_mask
+from margingate import hf_compat
+from margingate.batching import position_ids as position_ids_from_mask
 from tests.models import FAMILIES, build_model
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -29,7 +30,7 @@ CASE_IDS = [f"{f}-{str(d).removeprefix('torch.')}" for f, d in CASES]
 VOCAB = 384
 PAD = 0
 # margingate.batch_invariant is the context manager; the module behind it:
-bi_module = importlib.import_module("margingate.batch_invariant")
+bi_module = importlib.import_module("margingate.invariant_mode")
 
 
 @functools.cache
@@ -58,19 +59,12 @@ def left_pad(seqs) -> tuple[torch.Tensor, torch.Tensor]:
 def default_forward(model, ids, mask, cache=None):
     """The vendor path with the same positions convention as canonical_forward."""
     with torch.no_grad():
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask, ids.shape[1]),
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-    return out.logits
+        return hf_compat.forward(model, ids, mask, position_ids_from_mask(mask, ids.shape[1]), cache)
 
 
 def run(model, ids, mask, cache=None, *, canonical=True):
     if canonical:
-        return margingate.canonical_forward(model, ids, attention_mask=mask, past_key_values=cache)
+        return margingate.canonical_forward(model, ids, attention_mask=mask, cache=cache)
     return default_forward(model, ids, mask, cache)
 
 
@@ -180,57 +174,6 @@ def test_accuracy_vs_float64(family, dtype):
     assert err_canonical <= 2 * err_default + atol, (err_canonical, err_default)
 
 
-# --------------------------------------------------------------------------- the verifier path
-@pytest.mark.parametrize(("family", "dtype"), CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("n", [1, 3])
-def test_rows_verifier(family, dtype, n):
-    """rows= recomputes positions [P, P + n) of a few rows over the shared cache: logits equal the
-    canonical logits of those rows, and exactly the named K/V columns are (re)written."""
-    model = model_of(family, dtype)
-    seqs = sequences(4, count=5)
-    ids, mask = left_pad([s + (11, 12, 13) for s in seqs])
-    total = ids.shape[1]
-    start = total - n
-    cache = DynamicCache()
-    canonical_logits = torch.cat(
-        [run(model, ids[:, :start], mask[:, :start], cache), run(model, ids[:, start:], mask, cache)], dim=1
-    )
-    clean = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    rows = torch.tensor([3, 0, 4])
-    # Corrupt the columns of EVERY row at the verified positions: the verifier must repair those of
-    # `rows` and leave the others (and everything else) exactly as they are.
-    for layer in cache.layers:
-        layer.keys[:, :, start:] = 1e3
-        layer.values[:, :, start:] = -1e3
-    corrupted = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    logits = margingate.canonical_forward(
-        model, ids[rows, start:], attention_mask=mask, past_key_values=cache, rows=rows
-    )
-    assert torch.equal(logits, canonical_logits[rows, start:])
-    for layer, (k_clean, v_clean), (k_bad, v_bad) in zip(cache.layers, clean, corrupted, strict=True):
-        k_expected, v_expected = k_bad.clone(), v_bad.clone()
-        k_expected[rows, :, start:] = k_clean[rows, :, start:]
-        v_expected[rows, :, start:] = v_clean[rows, :, start:]
-        assert torch.equal(layer.keys, k_expected)
-        assert torch.equal(layer.values, v_expected)
-
-
-def test_rows_verifier_equals_alone():
-    """The verified logits also equal those of the row computed alone (no batch at all)."""
-    model = model_of("gemma3_text", torch.bfloat16)
-    seqs = sequences(5, count=4)
-    ids, mask = left_pad(seqs)
-    cache = DynamicCache()
-    run(model, ids[:, :-1], mask[:, :-1], cache)
-    run(model, ids[:, -1:], mask, cache)
-    row = 2
-    logits = margingate.canonical_forward(
-        model, ids[[row], -1:], attention_mask=mask, past_key_values=cache, rows=torch.tensor([row])
-    )
-    alone = run(model, *left_pad([seqs[row]]))[:, -1:]
-    assert torch.equal(logits, alone)
-
-
 # --------------------------------------------------------------------------- errors
 def test_errors_are_clear():
     model = model_of("llama", torch.float32)
@@ -239,21 +182,11 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="not left-padded"):
         margingate.canonical_forward(model, ids, attention_mask=right_padded)
     with pytest.raises(TypeError, match="DynamicCache"):
-        margingate.canonical_forward(model, ids, attention_mask=mask, past_key_values=object())
+        margingate.canonical_forward(model, ids, attention_mask=mask, cache=object())
     sliding_cache = DynamicCache(config=model_of("gemma3_text", torch.float32).config)
     gemma = model_of("gemma3_text", torch.float32)
     with pytest.raises(TypeError, match="sliding-window"):
-        margingate.canonical_forward(gemma, ids, attention_mask=mask, past_key_values=sliding_cache)
-    cache = DynamicCache()
-    run(model, ids, mask, cache)
-    with pytest.raises(ValueError, match="distinct"):
-        margingate.canonical_forward(
-            model, ids[[0, 0], -1:], attention_mask=mask, past_key_values=cache, rows=torch.tensor([0, 0])
-        )
-    with pytest.raises(ValueError, match="rows must lie"):
-        margingate.canonical_forward(
-            model, ids[[0], -1:], attention_mask=mask, past_key_values=cache, rows=torch.tensor([7])
-        )
+        margingate.canonical_forward(gemma, ids, attention_mask=mask, cache=sliding_cache)
     model.config.model_type = "gpt2"
     try:
         with pytest.raises(ValueError, match="not supported"):
@@ -363,13 +296,6 @@ def test_logits_to_keep_matches_full_logits():
     full = run(model, ids, mask)
     last = margingate.canonical_forward(model, ids, attention_mask=mask, logits_to_keep=1)
     assert last.shape[1] == 1 and torch.equal(last, full[:, -1:])
-    cache = DynamicCache()
-    run(model, ids, mask, cache)
-    rows = torch.tensor([1, 3])
-    verified = margingate.canonical_forward(
-        model, ids[rows, -2:], attention_mask=mask, past_key_values=cache, rows=rows, logits_to_keep=1
-    )
-    assert torch.equal(verified, full[rows, -1:])
 
 
 def test_sdpa_model_inside_the_mode():

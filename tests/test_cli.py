@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import margingate
-from margingate import cli, prompt_sets
+from margingate import cli, measure, prompt_sets
 from margingate.models import ModelLoadError, load_default_model, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -120,7 +120,8 @@ def test_fast_path_decode_matches_plain_greedy(tiny):
     """The flip audit's decoder is plain greedy decoding, and its margins are margingate.margin's."""
     model, _ = load_model(tiny["model"], torch.bfloat16, progress=False)
     prompts = [json.loads(line)["input_ids"] for line in tiny["prompts"].read_text().splitlines()][:2]
-    seqs, margins = cli.fast_path_decode(model, prompts, batch_size=1, max_new_tokens=6, eos=[], pad_id=0)
+    run = measure.decode_config(model, prompts, policy="off", batch_size=1, max_new_tokens=6, record_margins=True)
+    seqs, margins = run["sequences"], run["margins"]
     for p, seq, m in zip(prompts, seqs, margins, strict=True):
         ids = torch.tensor([p])
         expected, expected_margins = [], []
@@ -142,7 +143,7 @@ def test_compare_configs_counts_first_differences():
     other = [[1, 2, 9, 9], [5, 6, 7], [8, 2]]
     ref_m = [[1.0, 2.0, 0.1, 3.0], [1.0, 1.0, 1.0], [4.0, 0.2]]
     oth_m = [[1.5, 2.0, 0.3, 0.0], [1.0, 1.25, 1.0], [4.0, 0.05]]
-    cmp = cli.compare_configs(reference, other, reference_margins=ref_m, other_margins=oth_m)
+    cmp = measure.compare_configs(reference, other, reference_margins=ref_m, other_margins=oth_m)
     assert cmp["compared_steps"] == 3 + 3 + 2  # up to and including each first difference
     assert cmp["flips"] == 2 and cmp["flip_rate"] == pytest.approx(2 / 8)
     assert [(e["prompt"], e["step"]) for e in cmp["events"]] == [(0, 2), (2, 1)]
@@ -238,22 +239,38 @@ def test_check_report_fields(check_report):
 
 def test_check_strict_exit_code_on_determinism_failure(tiny, monkeypatch, capsys):
     """A policy whose sequences change with the batch configuration makes --strict exit 1."""
-    import margingate.generation as generation
-
-    real_generate = generation.generate
+    real_generate = measure.generate
+    broken = {"policy": "margin"}
 
     def flaky_generate(model, prompts, *, policy, batch_size=None, **kwargs):
         result = real_generate(model, prompts, policy=policy, batch_size=batch_size, **kwargs)
-        if policy == "margin" and batch_size and batch_size > 1:
+        if policy == broken["policy"] and batch_size and batch_size > 1:
             result.sequences[0] = [t + 1 for t in result.sequences[0]]
         return result
 
-    monkeypatch.setattr(generation, "generate", flaky_generate)
-    args = common(tiny, "--policies", "margin", "--batch-sizes", "1,3")
+    monkeypatch.setattr(measure, "generate", flaky_generate)
+    args = common(tiny, "--policies", "margin,always", "--batch-sizes", "1,3", "--max-new-tokens", "4")
     assert cli.main(["check", *args, "--strict"]) == 1
     err = capsys.readouterr().err
     assert "determinism failure: margin" in err
-    assert cli.main(["check", *args]) == 0  # without --strict it is reported, not fatal
+    assert cli.main(["check", *args]) == 0  # margin without --strict: reported, not fatal
+    capsys.readouterr()
+    # An exact policy that is not deterministic is a bug: exit 1 even without --strict, and say so.
+    broken["policy"] = "always"
+    assert cli.main(["check", *args]) == 1
+    err = capsys.readouterr().err
+    assert "always must be deterministic by construction" in err and "bug" in err
+
+
+def test_check_needs_two_configurations_and_writable_outputs(tiny, tmp_path, capsys):
+    """Nothing to compare, or an output that cannot be written: exit 2 at once, one line, nothing left."""
+    assert cli.main(["check", *common(tiny, "--strict"), "--batch-sizes", "2"]) == 2
+    assert "at least two configurations" in capsys.readouterr().err
+    for target in (tmp_path, tmp_path / "missing" / "r.json"):
+        assert cli.main(["check", *common(tiny, "--json", str(target))]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--json" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- bench

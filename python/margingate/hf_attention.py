@@ -241,7 +241,7 @@ _unguarded: dict[str, object] = {}
 
 def _guarded(name: str, function):
     def guarded(module, *args, **kwargs):
-        from .batch_invariant import is_enabled
+        from .invariant_mode import is_enabled
 
         if is_enabled():
             raise RuntimeError(

@@ -1,0 +1,333 @@
+"""Measuring flips and determinism across batch configurations (the CLI and benchmarks call this).
+
+Definitions (README "How we measure"):
+
+- configuration: the prompt set decoded in left-padded batches of one batch size; batch size 1
+  keeps the prompts in order, larger ones use a fixed shuffled order so that each prompt gets
+  different neighbours and padding. The first batch size given is the reference.
+- flip: the first step at which a prompt's tokens in a configuration differ from the reference;
+  flip rate = flips / compared steps (steps up to and including the first difference).
+- flip margin: the larger of the two fast-path top-1/top-2 margins (reference and batched run) at
+  the flip step, i.e. the threshold a gate needs to exceed to verify that step in both runs.
+- margin perturbation: the largest change of the fast-path margin between the reference and a
+  batched run over all steps with an identical prefix: how far the batch moves a margin.
+- latency increment: a policy's decode time minus ``off``'s, for the same requests in one run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .generation import generate
+from .policies import EXACT_POLICIES
+
+QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50)
+
+
+def config_order(n: int, batch_size: int) -> list[int]:
+    """Prompt order of a configuration: in order alone, a fixed shuffle per batch size otherwise."""
+    order = list(range(n))
+    if batch_size > 1:
+        random.Random(batch_size).shuffle(order)
+    return order
+
+
+def config_name(batch_size: int) -> str:
+    return "alone" if batch_size == 1 else f"batch {batch_size}"
+
+
+def decode_config(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    policy: str,
+    batch_size: int,
+    max_new_tokens: int,
+    threshold: float | None = None,
+    eos: Sequence[int] = (),
+    pad_id: int = 0,
+    record_margins: bool = False,
+) -> dict[str, Any]:
+    """One configuration: ``generate`` over the prompts in ``config_order``; the result back in
+    prompt order as ``{"sequences", "margins", "stats", "seconds"}``."""
+    order = config_order(len(prompts), batch_size)
+    result = generate(
+        model,
+        [list(prompts[i]) for i in order],
+        policy=policy,
+        threshold=threshold,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        record_margins=record_margins,
+        eos_token_id=list(eos),
+        stop_at_eos=bool(eos),
+        pad_token_id=pad_id,
+    )
+    n = len(order)
+    sequences: list[list[int]] = [[] for _ in range(n)]
+    margins: list[list[float]] | None = [[] for _ in range(n)] if result.margins is not None else None
+    per_row: list[dict[str, Any]] = [{} for _ in range(n)]
+    for position, i in enumerate(order):
+        sequences[i] = list(result.sequences[position])
+        per_row[i] = result.stats["per_row"][position]
+        if margins is not None:
+            margins[i] = list(result.margins[position])
+    stats = {**result.stats, "per_row": per_row}
+    return {"sequences": sequences, "margins": margins, "stats": stats, "seconds": stats["seconds"]}
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    for j, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return j
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _nanmax(*values: float) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else float("nan")
+
+
+def compare_configs(
+    reference: list[list[int]],
+    other: list[list[int]],
+    *,
+    reference_margins: list[list[float]] | None = None,
+    other_margins: list[list[float]] | None = None,
+) -> dict[str, Any]:
+    """Flips of ``other`` against ``reference`` (per-prompt token lists): the first step at which
+    each prompt differs, the steps compared (up to and including it), and, with margins, the
+    fast-path margins at each flip and the largest margin perturbation over identical prefixes."""
+    events: list[dict[str, Any]] = []
+    compared = 0
+    perturbation = 0.0
+    with_margins = reference_margins is not None and other_margins is not None
+    for i, (a, b) in enumerate(zip(reference, other, strict=True)):
+        d = first_difference(a, b)
+        compared += (d + 1) if d is not None else len(a)
+        if with_margins:
+            ma, mb = reference_margins[i], other_margins[i]
+            last = d if d is not None else min(len(ma), len(mb)) - 1
+            for s in range(min(last + 1, len(ma), len(mb))):
+                if not (math.isnan(ma[s]) or math.isnan(mb[s])):
+                    perturbation = max(perturbation, abs(ma[s] - mb[s]))
+        if d is None:
+            continue
+        event: dict[str, Any] = {"prompt": i, "step": d}
+        if with_margins:
+            m_ref = reference_margins[i][d] if d < len(reference_margins[i]) else float("nan")
+            m_oth = other_margins[i][d] if d < len(other_margins[i]) else float("nan")
+            event.update(margin_reference=m_ref, margin_batched=m_oth, margin=_nanmax(m_ref, m_oth))
+        events.append(event)
+    return {
+        "compared_steps": compared,
+        "flips": len(events),
+        "flip_rate": len(events) / compared if compared else 0.0,
+        "events": events,
+        "margin_perturbation_max": perturbation,
+    }
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    finite = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
+    if finite.numel() == 0:
+        return {f"p{round(q * 100):02d}": float("nan") for q in QUANTILES}
+    return {f"p{round(q * 100):02d}": float(torch.quantile(finite, q)) for q in QUANTILES}
+
+
+def implied_trigger_rate(margins: Sequence[float], threshold: float) -> float:
+    """Fraction of steps a gate at ``threshold`` would verify (NaN margins always verify)."""
+    if not margins:
+        return 0.0
+    return sum(1 for m in margins if math.isnan(m) or m < threshold) / len(margins)
+
+
+def _require_two(batch_sizes: Sequence[int]) -> None:
+    if len(batch_sizes) < 2:
+        raise ValueError("batch_sizes needs at least two configurations to compare (e.g. 1,8)")
+
+
+def flip_report(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_sizes: Sequence[int],
+    max_new_tokens: int,
+    eos: Sequence[int] = (),
+    pad_id: int = 0,
+    on_run: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Fast-path (``off``) flips of every batched configuration against the first one."""
+    _require_two(batch_sizes)
+    runs = {}
+    started = time.perf_counter()
+    for b in batch_sizes:
+        if on_run is not None:
+            on_run(f"off, {config_name(b)}")
+        runs[b] = decode_config(
+            model, prompts, policy="off", batch_size=b, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
+            record_margins=True,
+        )
+    reference = batch_sizes[0]
+    ref = runs[reference]
+    configs, events = [], []
+    for b in batch_sizes[1:]:
+        cmp = compare_configs(
+            ref["sequences"], runs[b]["sequences"], reference_margins=ref["margins"], other_margins=runs[b]["margins"]
+        )
+        events += [{"batch_size": b, **e} for e in cmp["events"]]
+        configs.append(
+            {
+                "batch_size": b,
+                "compared_steps": cmp["compared_steps"],
+                "flips": cmp["flips"],
+                "flip_rate": cmp["flip_rate"],
+                "flipped_prompts": sorted({e["prompt"] for e in cmp["events"]}),
+                "margin_perturbation_max": cmp["margin_perturbation_max"],
+            }
+        )
+    all_margins = [m for b in batch_sizes for row in runs[b]["margins"] for m in row]
+    flip_margins = [e["margin"] for e in events if not math.isnan(e["margin"])]
+    compared = sum(c["compared_steps"] for c in configs)
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "batch_sizes": list(batch_sizes),
+        "reference_batch_size": reference,
+        "steps": sum(len(row) for row in ref["sequences"]),
+        "configs": configs,
+        "flips": len(events),
+        "compared_steps": compared,
+        "flip_rate": len(events) / compared if compared else 0.0,
+        "flip_events": events,
+        "flip_margin_max": max(flip_margins) if flip_margins else None,
+        "margin_perturbation_max": max((c["margin_perturbation_max"] for c in configs), default=0.0),
+        "margin_quantiles": quantiles(all_margins),
+        "step_margins": all_margins,
+        "flip_margins": flip_margins,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def calibrated_threshold(report: dict[str, Any], safety_factor: float) -> float:
+    """``safety_factor`` x the larger of the largest flip margin and the largest margin shift of a
+    ``flip_report``: the smallest threshold above everything observed, with headroom. Raises
+    ``ValueError`` when nothing was observed."""
+    observed = max(report["flip_margin_max"] or 0.0, report["margin_perturbation_max"])
+    if observed <= 0:
+        raise ValueError(
+            "no flips and no margin perturbation observed on the calibration set: nothing to calibrate "
+            "(use more prompts, more tokens or larger batch sizes)"
+        )
+    return safety_factor * observed
+
+
+def check_report(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    policies: Sequence[str],
+    batch_sizes: Sequence[int],
+    max_new_tokens: int,
+    threshold: float | None,
+    eos: Sequence[int] = (),
+    pad_id: int = 0,
+    on_run: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Decodes ``prompts`` in every configuration under every policy (``off`` first; interleaved
+    configuration-major, so machine noise hits every policy alike) and reports per policy: prompts
+    identical in all configurations, flips against the reference, trigger rate, repairs, time and
+    latency increment over ``off``. ``exact_failures`` lists the exact policies (``always``,
+    ``invariant``) that were not deterministic: a bug, never a calibration miss."""
+    _require_two(batch_sizes)
+    policies = list(dict.fromkeys(["off", *policies]))
+    n = len(prompts)
+    results: dict[str, dict[int, dict[str, Any]]] = {p: {} for p in policies}
+    started = time.perf_counter()
+    for b in batch_sizes:
+        for policy in policies:
+            if on_run is not None:
+                on_run(f"{policy}, {config_name(b)}")
+            results[policy][b] = decode_config(
+                model, prompts, policy=policy, batch_size=b, max_new_tokens=max_new_tokens, threshold=threshold,
+                eos=eos, pad_id=pad_id, record_margins=(policy == "off"),
+            )
+    reference = batch_sizes[0]
+    off_seconds = sum(results["off"][b]["seconds"] for b in batch_sizes)
+    always_ref = results["always"][reference]["sequences"] if "always" in results else None
+    per_policy: dict[str, dict[str, Any]] = {}
+    for policy in policies:
+        runs = results[policy]
+        ref = runs[reference]["sequences"]
+        identical = sum(1 for i in range(n) if all(runs[b]["sequences"][i] == ref[i] for b in batch_sizes))
+        events: list[dict[str, Any]] = []
+        compared = 0
+        for b in batch_sizes[1:]:
+            cmp = compare_configs(
+                ref, runs[b]["sequences"], reference_margins=runs[reference]["margins"],
+                other_margins=runs[b]["margins"],
+            )
+            compared += cmp["compared_steps"]
+            events += [{"batch_size": b, **e} for e in cmp["events"]]
+        steps = sum(runs[b]["stats"]["steps"] for b in batch_sizes)
+        verified = sum(runs[b]["stats"]["verified"] for b in batch_sizes)
+        seconds = sum(runs[b]["seconds"] for b in batch_sizes)
+        tokens = sum(len(s) for b in batch_sizes for s in runs[b]["sequences"])
+        increment = seconds - off_seconds
+        per_policy[policy] = {
+            "identical": identical,
+            "prompts": n,
+            "deterministic": identical == n,
+            "flips": len(events),
+            "compared_steps": compared,
+            "flip_rate": len(events) / compared if compared else 0.0,
+            "divergences": events,
+            "steps": steps,
+            "verified": verified,
+            "trigger_rate": verified / steps if steps else 0.0,
+            "repairs": sum(runs[b]["stats"]["repairs"] for b in batch_sizes),
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+            "latency_increment_s": increment,
+            "latency_increment_pct": 100 * increment / off_seconds if off_seconds > 0 else float("nan"),
+            "matches_always": sum(1 for i in range(n) if ref[i] == always_ref[i]) if always_ref else None,
+            "threshold": runs[reference]["stats"]["threshold"],
+            "prefill": runs[reference]["stats"]["prefill"],
+            "per_config": {
+                str(b): {k: runs[b]["stats"][k] for k in ("seconds", "steps", "verified", "repairs")}
+                for b in batch_sizes
+            },
+        }
+    ratio = None
+    if "margin" in per_policy and "always" in per_policy:
+        inc_m = per_policy["margin"]["latency_increment_s"]
+        inc_a = per_policy["always"]["latency_increment_s"]
+        if inc_m > 0 and inc_a > 0:
+            ratio = inc_a / inc_m
+    off_events = per_policy["off"]["divergences"]
+    step_margins = [m for b in batch_sizes for row in results["off"][b]["margins"] for m in row]
+    gated = [p for p in policies if p != "off"]
+    return {
+        "prompts": n,
+        "max_new_tokens": max_new_tokens,
+        "batch_sizes": list(batch_sizes),
+        "reference_batch_size": reference,
+        "threshold": threshold,
+        "policies": per_policy,
+        "increment_ratio_always_over_margin": ratio,
+        "deterministic": all(per_policy[p]["deterministic"] for p in gated),
+        "determinism_failures": [p for p in gated if not per_policy[p]["deterministic"]],
+        "exact_failures": [p for p in EXACT_POLICIES if p in per_policy and not per_policy[p]["deterministic"]],
+        "off_flip_events": off_events,
+        "off_margin_quantiles": quantiles(step_margins),
+        "step_margins": step_margins,
+        "flip_margins": [e["margin"] for e in off_events if not math.isnan(e.get("margin", math.nan))],
+        "seconds": time.perf_counter() - started,
+    }
