@@ -153,21 +153,26 @@ def test_statistics_add_up(family):
             assert s["steps"] == sum(p["steps"] for p in rows) == NUM_PROMPTS * NEW_TOKENS
             assert s["verified"] == sum(p["verified"] for p in rows)
             assert s["repairs"] == sum(p["repairs"] for p in rows)
-            assert 0 <= s["repairs"] <= s["verified"] <= s["steps"]
-            assert s["trigger_rate"] == s["verified"] / s["steps"]
+            assert s["triggered"] == sum(p["triggered"] for p in rows)
+            assert 0 <= s["repairs"] <= s["verified"] <= s["steps"] and s["triggered"] <= s["verified"]
+            assert s["trigger_rate"] == s["triggered"] / s["steps"]
             assert len(s["repair_margins"]) == s["repairs"]
             assert s["verified"] <= s["replayed_positions"]
             for p in rows:
                 assert p["repairs"] <= p["verified"] <= p["steps"]
                 assert len(p["repair_margins"]) == len(p["repair_steps"]) == p["repairs"]
             if policy == "margin":
-                # every repair happened below the gate (NaN margins also count as below)
+                # every repair happened below the gate (NaN margins also count as below): a row that
+                # joined a replay unflagged (piggyback) and changed its token would be a flip the
+                # threshold let through
                 assert all(not (m >= threshold) for m in s["repair_margins"]), name
             elif policy == "always":
                 # canonical prefill makes the first token canonical; every later step is verified
-                assert s["verified"] == NUM_PROMPTS * (NEW_TOKENS - 1), name
+                assert s["verified"] == s["triggered"] == NUM_PROMPTS * (NEW_TOKENS - 1), name
             else:
-                assert s["verified"] == 0 and s["repairs"] == 0
+                assert s["verified"] == s["triggered"] == 0 and s["repairs"] == 0
+            stream = s["stream"]
+            assert 0 <= stream["delay_p50_s"] <= stream["delay_p99_s"] and 0 < stream["ttft_p50_s"] <= stream["ttft_p99_s"]
 
 
 def test_eos_stops_rows_and_their_statistics():
@@ -507,3 +512,70 @@ def test_no_deprecation_warning(recwarn, caplog):
     deprecations = [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not deprecations, [str(w.message) for w in deprecations]
     assert not [r for r in caplog.records if "deprecat" in r.getMessage().lower()]
+
+
+# --------------------------------------------------------------------------- the window policy
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_equals_always_for_every_window_and_batch(family):
+    """LLM-42's scheme on our query-invariant verifier: the tokens do not depend on the window size
+    (LLM-42's own do) and equal always's, in every batch configuration; the rollback statistics add up."""
+    always = decode(family, "always")["alone"].sequences
+    model, prompts = model_of(family), prompts_of()
+    for window in (1, 4, 16, 64) if family == "llama" else (1, 64):
+        for name, (order, batch_size) in CONFIGS.items():
+            r = margingate.generate(
+                model, [prompts[i] for i in order], policy="window", window=window, max_new_tokens=NEW_TOKENS,
+                batch_size=batch_size, stop_at_eos=False,
+            )
+            back = {i: j for j, i in enumerate(order)}
+            assert [r.sequences[back[i]] for i in range(NUM_PROMPTS)] == always, (window, name)
+            s = r.stats
+            assert s["window"] == window and s["steps"] == s["verified"] == NUM_PROMPTS * NEW_TOKENS
+            assert s["rolled_back"] == sum(p["rolled_back"] for p in s["per_row"]) >= s["repairs"]
+            assert s["rollback_rate"] == s["rolled_back"] / (s["rolled_back"] + s["steps"])
+            # a pass checks up to `window` tentative tokens and adds the verifier's next token
+            chunks = -(-NUM_PROMPTS // batch_size)
+            assert s["verify_passes"] >= chunks * -(-(NEW_TOKENS - 1) // (window + 1))
+            if s["repairs"]:
+                assert s["redecoded_steps"] > 0
+
+
+def test_window_cache_after_rollback_is_the_canonical_cache():
+    """After a run with rollbacks, the cache holds exactly what a canonical forward of the final
+    sequences writes: the rolled-back tokens left nothing behind."""
+    from margingate.generation import _decode_window
+
+    model, prompts = model_of("llama"), prompts_of(seed=2)[:6]
+    caches = []
+    real_new_cache = margingate.hf_compat.new_cache
+
+    def recording_cache():
+        caches.append(real_new_cache())
+        return caches[-1]
+
+    margingate.hf_compat.new_cache = recording_cache
+    try:
+        out = _decode_window(
+            model, prompts, policy="window", threshold=None, window=5, max_new_tokens=14, eos=[], pad_id=0,
+            record_margins=False, put=None, bar=None,
+        )
+    finally:
+        margingate.hf_compat.new_cache = real_new_cache
+    assert sum(r["rolled_back"] for r in out.rows) > 0, "no rollback happened: the test would prove nothing"
+    ids, mask = _left_pad([p + t for p, t in zip(prompts, out.tokens, strict=True)])
+    # (the last token of each row was chosen but never forwarded)
+    reference = DynamicCache()
+    margingate.canonical_forward(model, ids[:, :-1], attention_mask=mask[:, :-1], cache=reference)
+    for a, b in zip(caches[0].layers, reference.layers, strict=True):
+        assert torch.equal(a.keys[:, :, : b.keys.shape[2]], b.keys) and torch.equal(a.values[:, :, : b.values.shape[2]], b.values)
+
+
+def test_streaming_delivers_final_tokens_in_order():
+    model, prompts = model_of("llama"), prompts_of()[:4]
+    for policy, kwargs in (("margin", {}), ("window", {"window": 4}), ("off", {})):
+        received: dict[int, list[int]] = {}
+        r = margingate.generate(
+            model, prompts, policy=policy, max_new_tokens=9, batch_size=2, stop_at_eos=False,
+            streamer=lambda i, tokens, received=received: received.setdefault(i, []).extend(tokens), **kwargs,
+        )
+        assert [received[i] for i in range(4)] == r.sequences, policy

@@ -1,6 +1,7 @@
 """``margingate.generate``: greedy decoding under a policy, in margingate's own decode loop.
 
-One decode step of a left-padded batch, top to bottom (``_decode_batch``):
+One decode step of a left-padded batch, top to bottom (``_decode_gated``: ``off``, ``margin``,
+``always``, ``invariant``):
 
 1. prefill: ``margin``, ``always`` and ``invariant`` run the prompt once with the canonical forward
    (``canonical.py``), so the prompt K/V and the first token's logits are canonical; ``off`` runs
@@ -11,8 +12,19 @@ One decode step of a left-padded batch, top to bottom (``_decode_batch``):
 3. the token is the argmax of the (partly verified) scores; finished rows get the pad id;
 4. the next forward runs the new tokens on the fast path (under ``invariant``: canonically).
 
+``window`` (LLM-42's scheme on our verifier, ``_decode_window``) decodes on the fast path and every
+``window`` tokens replays the unverified positions of every row in one canonical pass: the matching
+prefix is committed, the verifier's token replaces the first mismatch, the rest is rolled back
+(the cache cropped) and decoded again. The canonical forward is query-invariant, so the tokens do
+not depend on the window size and equal ``always``'s.
+
 The loop calls ``model(...)`` directly (``hf_compat.forward``), so no transformers release can
 skip the canonical prefill by renaming a ``generate`` argument, and nothing is hooked.
+
+Streaming: a token is *final* when no later verification can change it: at its own step for the
+per-step policies, after its window's check for ``window``. ``streamer`` (optional) receives the
+final tokens of each prompt as they become final; the statistics report the delay between the
+fast path producing a token and the token being final, and the time to the first final token.
 """
 
 from __future__ import annotations
@@ -27,8 +39,12 @@ import torch
 from . import hf_compat
 from .batching import encode_prompts, left_pad, position_ids
 from .canonical import canonical_forward
+from .ops import margin
 from .policies import POLICIES, check_policy, check_threshold
 from .processor import MarginGateProcessor, summarize
+from .verifier import Verifier
+
+DEFAULT_WINDOW = 64  # LLM-42's default window
 
 _WHERE = "margingate.generate"
 
@@ -53,9 +69,13 @@ class GenerationResult:
     ``verified``, ``repairs`` (verified steps whose token changed), ``trigger_rate``
     (= verified / steps), ``replayed_positions`` (positions the verifier recomputed: a verification
     replays the row from its canonical frontier), ``repair_margins`` (fast-path margin at each
-    repair), ``per_row`` (the same per prompt, in prompt order, plus ``repair_steps``), ``seconds``
-    (wall time of the decode loops). ``margins[i]``: prompt ``i``'s fast-path margin at every step,
-    with ``record_margins=True``.
+    repair), ``stream`` (``delay_p50_s``, ``delay_p99_s``: fast path producing a token to the token
+    being final; ``ttft_p50_s``, ``ttft_p99_s``: batch start to a prompt's first final token),
+    ``per_row`` (the same per prompt, in prompt order, plus ``repair_steps``), ``seconds`` (wall
+    time of the decode loops); under ``window`` also ``window``, ``verify_passes``, ``rolled_back``
+    (tentative tokens discarded), ``rollback_rate`` (rolled back / (rolled back + steps)),
+    ``redecoded_steps`` (decode steps spent re-feeding committed tokens after a rollback).
+    ``margins[i]``: prompt ``i``'s fast-path margin at every step, with ``record_margins=True``.
     """
 
     sequences: list[list[int]]
@@ -78,6 +98,7 @@ def generate(
     *,
     policy: str = "margin",
     threshold: float | None = None,
+    window: int = DEFAULT_WINDOW,
     max_new_tokens: int = 64,
     tokenizer: Any = None,
     batch_size: int | None = None,
@@ -86,6 +107,7 @@ def generate(
     stop_at_eos: bool = True,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    streamer: Any = None,
     **unsupported: Any,
 ) -> GenerationResult:
     """Greedy decoding of ``prompts`` under ``policy`` (one of ``margingate.POLICIES``).
@@ -93,8 +115,11 @@ def generate(
     ``prompts``: token-id lists (or strings, with ``tokenizer``), decoded in order in left-padded
     batches of ``batch_size`` (``None``: one batch), each with its own ``DynamicCache()``.
     ``threshold`` (``margin`` only): verify steps whose fast-path margin is below it; ``None`` takes
-    the model's shipped calibration. Every argument is checked before anything runs; a bad one
-    raises ``ValueError`` or ``TypeError`` and leaves the model as it was.
+    the model's shipped calibration. ``window`` (``window`` only): tokens between two checks.
+    ``streamer``: a callable ``streamer(prompt_index, tokens)`` or an object with such a ``put``
+    method (and optionally ``end()``), called with each prompt's tokens as they become final.
+    Every argument is checked before anything runs; a bad one raises ``ValueError`` or
+    ``TypeError`` and leaves the model as it was.
     """
     for key in unsupported:
         if key in _REFUSED:
@@ -106,6 +131,8 @@ def generate(
     hf_compat.check_supported(model, _WHERE)
     _check_count(max_new_tokens, "max_new_tokens")
     _check_count(batch_size, "batch_size", allow_none=True)
+    _check_count(window, "window")
+    put = _streamer_put(streamer)
     encoded = encode_prompts(prompts, tokenizer, hf_compat.vocab_size(model), _WHERE)
     eos = hf_compat.as_token_ids(eos_token_id) if eos_token_id is not None else hf_compat.eos_ids(model, tokenizer)
     if not stop_at_eos:
@@ -127,50 +154,113 @@ def generate(
     per_row: list[dict[str, Any]] = [{} for _ in encoded]
     margins: list[list[float]] | None = [[] for _ in encoded] if record_margins else None
     seconds, threshold_used = 0.0, 0.0
+    extras: dict[str, int] = {}
     try:
         for chunk in chunks:
             t0 = time.perf_counter()
-            tokens, proc = _decode_batch(
+            decode = _decode_window if policy == "window" else _decode_gated
+            out = decode(
                 model,
                 [encoded[i] for i in chunk],
                 policy=policy,
                 threshold=threshold,
+                window=window,
                 max_new_tokens=max_new_tokens,
                 eos=eos,
                 pad_id=int(pad_token_id),
                 record_margins=record_margins,
+                put=None if put is None else (lambda r, tokens, chunk=chunk: put(chunk[r], tokens)),
                 bar=bar,
             )
             seconds += time.perf_counter() - t0
-            threshold_used = proc.threshold
-            stats = proc.stats()
+            threshold_used = out.threshold
+            for key, value in out.extras.items():
+                extras[key] = extras.get(key, 0) + value
             for r, i in enumerate(chunk):
-                sequences[i] = tokens[r]
-                per_row[i] = stats["per_row"][r]
+                sequences[i] = out.tokens[r]
+                per_row[i] = out.rows[r]
                 if margins is not None:
-                    margins[i] = [float(m[r]) for m in proc.margins][: len(tokens[r])]
+                    margins[i] = out.margins[r][: len(out.tokens[r])]
     finally:
         if bar is not None:
             bar.close()
+        if streamer is not None and hasattr(streamer, "end"):
+            streamer.end()
     totals = summarize(per_row, policy=policy, threshold=threshold_used, seconds=seconds)
     totals["prefill"] = "fast" if policy == "off" else "canonical"
+    if policy == "window":
+        rolled = sum(r["rolled_back"] for r in per_row)
+        totals.update(window=window, rolled_back=rolled, rollback_rate=rolled / (rolled + totals["steps"] or 1), **extras)
     return GenerationResult(sequences=sequences, stats=totals, margins=margins)
 
 
-def _decode_batch(
+def _streamer_put(streamer: Any):
+    if streamer is None:
+        return None
+    put = getattr(streamer, "put", None)
+    if callable(put):
+        return put
+    if callable(streamer):
+        return streamer
+    raise TypeError(f"{_WHERE}: streamer must be callable or have a put(prompt_index, tokens) method")
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """One batch: per row its tokens (up to its first EOS), statistics and fast-path margins."""
+
+    tokens: list[list[int]]
+    rows: list[dict[str, Any]]
+    margins: list[list[float]]
+    threshold: float
+    extras: dict[str, int]
+
+
+class _Clock:
+    """Finality bookkeeping of one batch: when each row's tokens were produced and made final."""
+
+    def __init__(self, batch: int, put) -> None:
+        self.start = time.perf_counter()
+        self.produced: list[list[float]] = [[] for _ in range(batch)]  # per tentative token
+        self.delays: list[list[float]] = [[] for _ in range(batch)]
+        self.ttft: list[float | None] = [None] * batch
+        self.put = put
+
+    def final(self, row: int, tokens: list[int], produced: list[float]) -> None:
+        now = time.perf_counter()
+        if not tokens:
+            return
+        self.delays[row] += [now - t for t in produced]
+        if self.ttft[row] is None:
+            self.ttft[row] = now - self.start
+        if self.put is not None:
+            self.put(row, list(tokens))
+
+    def row_stats(self, row: int) -> dict[str, Any]:
+        return {"final_delays": self.delays[row], "ttft": self.ttft[row]}
+
+
+def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
+    end = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+    return row[:end]
+
+
+def _decode_gated(
     model: torch.nn.Module,
     prompts: list[list[int]],
     *,
     policy: str,
     threshold: float | None,
+    window: int,
     max_new_tokens: int,
     eos: list[int],
     pad_id: int,
     record_margins: bool,
+    put,
     bar: Any,
-) -> tuple[list[list[int]], MarginGateProcessor]:
-    """Decodes one left-padded batch; returns each row's tokens (up to its first EOS) and the
-    processor that gated it (its statistics)."""
+) -> _Outcome:
+    """One left-padded batch under a per-step policy (``off``, ``margin``, ``always``, ``invariant``):
+    every token is final at its own step."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     batch, prompt_length = ids.shape
@@ -188,15 +278,21 @@ def _decode_batch(
         record_margins=record_margins,
     )
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    eos_set = set(eos)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    clock = _Clock(batch, put)
     with torch.inference_mode():
         logits = _forward(model, ids, mask, cache, canonical=canonical_prefill)
         for step in range(max_new_tokens):
+            produced = time.perf_counter()
             scores = proc(ids, logits)
             token = scores.argmax(dim=-1)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+            for r, (t, done) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
+                if not done:
+                    clock.final(r, [t], [produced])
             finished |= torch.isin(token, eos_ids)
             if bar is not None:
                 bar.update()
@@ -205,13 +301,165 @@ def _decode_batch(
                     bar.update(max_new_tokens - 1 - step)
                 break
             logits = _forward(model, token[:, None], mask, cache, canonical=everything_canonical)
-    generated = ids[:, prompt_length:].cpu().tolist()
+    tokens = [_cut_at_eos(row, eos_set) for row in ids[:, prompt_length:].cpu().tolist()]
+    stats = proc.stats()["per_row"]
+    rows = [{**stats[r], **clock.row_stats(r)} for r in range(batch)]
+    margins = [[float(m[r]) for m in proc.margins] for r in range(batch)]
+    return _Outcome(tokens, rows, margins, proc.threshold, {})
+
+
+def _decode_window(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    policy: str,
+    threshold: float | None,
+    window: int,
+    max_new_tokens: int,
+    eos: list[int],
+    pad_id: int,
+    record_margins: bool,
+    put,
+    bar: Any,
+) -> _Outcome:
+    """One left-padded batch under ``window``: fast decoding, a canonical check of every row's
+    unverified tokens every ``window`` tokens (and when every row has stopped), commit up to the
+    first mismatch, take the verifier's token there, roll the rest back and decode it again.
+
+    Invariant at the top of the loop: ``ids`` holds L tokens and the cache L - 1 positions (the
+    last token is not yet forwarded). Positions below ``final_len[b]`` are final for row ``b``."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch, prompt_length = ids.shape
+    limit = prompt_length + max_new_tokens
     eos_set = set(eos)
-    tokens = []
-    for row in generated:
-        end = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))
-        tokens.append(row[:end])
-    return tokens, proc
+    cache = hf_compat.new_cache()
+    verifier = Verifier(model, cache, batch, canonical_upto=prompt_length)
+    clock = _Clock(batch, put)
+    committed: list[list[int]] = [[] for _ in range(batch)]
+    produced_at: list[list[float]] = [[] for _ in range(batch)]  # per tentative token of each row
+    margins: list[list[float]] = [[] for _ in range(batch)]
+    rows_stats = [
+        {"steps": 0, "verified": 0, "repairs": 0, "repair_steps": [], "repair_margins": [], "rolled_back": 0}
+        for _ in range(batch)
+    ]
+    extras = {"verify_passes": 0, "redecoded_steps": 0}
+
+    def done(b: int) -> bool:  # final: the row's committed tokens end in EOS or fill the budget
+        c = committed[b]
+        return len(c) >= max_new_tokens or (bool(c) and c[-1] in eos_set)
+
+    def tentative_end(b: int, length: int) -> int:  # one past the row's last real token
+        for p in range(prompt_length + len(committed[b]), length):
+            if int(ids_list[b][p]) in eos_set:
+                return p + 1
+        return length
+
+    def append(token: torch.Tensor) -> None:
+        nonlocal ids, mask
+        ids = torch.cat([ids, token[:, None].to(device)], dim=1)
+        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+
+    def commit(b: int, tokens: list[int], produced: list[float]) -> None:
+        committed[b] += tokens
+        clock.final(b, tokens, produced)
+        if bar is not None:
+            bar.update(len(tokens))
+
+    with torch.inference_mode():
+        logits = _forward(model, ids, mask, cache, canonical=True)
+        first = logits.argmax(dim=-1)
+        for b in range(batch):
+            commit(b, [int(first[b])], [time.perf_counter()])
+            margins[b].append(float(margin(logits[b : b + 1])[2]))
+        append(first)
+        last_check = ids.shape[1]
+        while not all(done(b) for b in range(batch)):
+            length = ids.shape[1]
+            ids_list = ids.cpu().tolist()
+            stopped = all(done(b) or tentative_end(b, length) < length or length >= limit for b in range(batch))
+            if length - last_check >= window or stopped:
+                # -- the check: one canonical pass over every row's unverified positions
+                hf_compat.extend(cache, 1)  # room for the last token, which the replay computes
+                rows = [b for b in range(batch) if not done(b)]
+                rows_t = torch.tensor(rows, dtype=torch.long)
+                start = int(verifier.canonical_upto[rows_t].min())
+                predicted = verifier.replay_(ids, mask, rows_t, start).argmax(dim=-1).cpu().tolist()
+                extras["verify_passes"] += 1
+                cut, following = length, {}
+                for i, b in enumerate(rows):
+                    first_open = prompt_length + len(committed[b])
+                    end = tentative_end(b, length)
+                    tokens, produced = [], []
+                    mismatch = None
+                    for p in range(first_open, end):
+                        want = predicted[i][p - 1 - start]
+                        if want != ids_list[b][p]:
+                            mismatch = p
+                            tokens.append(want)
+                            produced.append(time.perf_counter())
+                            rows_stats[b]["repairs"] += 1
+                            rows_stats[b]["repair_steps"].append(p - prompt_length)
+                            step = p - prompt_length
+                            rows_stats[b]["repair_margins"].append(margins[b][step] if step < len(margins[b]) else float("nan"))
+                            rows_stats[b]["rolled_back"] += end - p
+                            break
+                        tokens.append(want)
+                        produced.append(produced_at[b][p - first_open])
+                    commit(b, tokens, produced)
+                    produced_at[b] = []
+                    # fast margins of the committed steps (a corrected token keeps its step's margin)
+                    margins[b] = (margins[b] + [float("nan")] * len(committed[b]))[: len(committed[b])]
+                    if mismatch is not None:
+                        cut = min(cut, mismatch)
+                    elif end == length and not done(b):
+                        following[b] = predicted[i][length - 1 - start]  # the verifier's next token
+                if cut < length:  # roll back: every row re-feeds its committed tokens from `cut`
+                    verifier.rollback_(cut)
+                    ids, mask = ids[:, :cut], mask[:, :cut]
+                    token = torch.tensor([_forced(committed[b], cut - prompt_length, pad_id) for b in range(batch)])
+                    append(token)
+                    extras["redecoded_steps"] += 1
+                else:  # every checked row matched: the verifier's next token is final
+                    token = torch.full((batch,), pad_id, dtype=torch.long)
+                    for b, t in following.items():
+                        if len(committed[b]) < max_new_tokens:
+                            commit(b, [t], [time.perf_counter()])
+                            margins[b].append(float("nan"))  # decided by the verifier: no fast step
+                            token[b] = t
+                    append(token)
+                last_check = ids.shape[1]
+                continue
+            # -- a fast step: forward the last token, choose the next (forced where already final)
+            logits = _forward(model, ids[:, -1:], mask, cache, canonical=False)
+            produced = time.perf_counter()
+            fast = logits.argmax(dim=-1).cpu()
+            fast_margin = margin(logits)[2].cpu()
+            position = length - prompt_length
+            token = torch.full((batch,), pad_id, dtype=torch.long)
+            forced_any = False
+            for b in range(batch):
+                if position < len(committed[b]):
+                    token[b] = committed[b][position]
+                    forced_any = True
+                elif not done(b) and tentative_end(b, length) == length and length < limit:
+                    token[b] = fast[b]
+                    produced_at[b].append(produced)
+                    if len(margins[b]) == position:
+                        margins[b].append(float(fast_margin[b]))
+            extras["redecoded_steps"] += int(forced_any)
+            append(token)
+    for b in range(batch):
+        # every committed token was checked by (or taken from) the canonical forward
+        rows_stats[b]["steps"] = rows_stats[b]["verified"] = len(committed[b])
+        rows_stats[b]["replayed_positions"] = int(verifier.replayed[b])
+    rows = [{**rows_stats[b], **clock.row_stats(b)} for b in range(batch)]
+    tokens = [_cut_at_eos(c, eos_set) for c in committed]
+    return _Outcome(tokens, rows, margins if record_margins else [[] for _ in range(batch)], 0.0, extras)
+
+
+def _forced(committed: list[int], position: int, pad_id: int) -> int:
+    return committed[position] if position < len(committed) else pad_id
 
 
 def _forward(model, input_ids, mask, cache, *, canonical: bool) -> torch.Tensor:
@@ -222,4 +470,4 @@ def _forward(model, input_ids, mask, cache, *, canonical: bool) -> torch.Tensor:
     return hf_compat.forward(model, input_ids, mask, position_ids(mask, n), cache, logits_to_keep=1)[:, -1]
 
 
-__all__ = ["POLICIES", "GenerationResult", "generate"]
+__all__ = ["DEFAULT_WINDOW", "POLICIES", "GenerationResult", "generate"]

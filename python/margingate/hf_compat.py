@@ -139,6 +139,13 @@ def cache_from_rows(cache: DynamicCache, rows: torch.Tensor, upto: int) -> Dynam
     return new
 
 
+def extend(cache: DynamicCache, n: int) -> None:
+    """Appends ``n`` zero K/V columns to every layer (room that a replay then overwrites)."""
+    for i, (k, v) in enumerate(layer_kv(cache)):
+        shape = (k.shape[0], k.shape[1], n, k.shape[3])
+        cache.update(k.new_zeros(shape), v.new_zeros(shape), i)
+
+
 def crop(cache: DynamicCache, length: int) -> None:
     """Drops every position from ``length`` on, in every row.
 

@@ -5,10 +5,13 @@
   top-1/top-2 margin is below the threshold (or NaN) is verified: replayed canonically from its
   canonical frontier, its K/V repaired in place, its token taken from the canonical logits;
 - ``always``: every row verified at every step (the always-on verification baseline);
-- ``invariant``: the whole decode with the canonical forward (batch-invariant kernels throughout).
+- ``invariant``: the whole decode with the canonical forward (batch-invariant kernels throughout);
+- ``window``: LLM-42's verify-and-rollback on our verifier: fast decoding, every W tokens one
+  canonical pass over every row's unverified tokens, commit the matching prefix, take the
+  verifier's token at the first mismatch, roll back and re-decode the rest.
 
-``always`` and ``invariant`` are exact by construction: their tokens are a function of the prompt
-alone. ``margin`` is exact wherever the fast path's error stays below the threshold; the
+``always``, ``invariant`` and ``window`` are exact by construction: their tokens are a function of
+the prompt alone (and ``window``'s do not depend on W: the canonical forward is query-invariant). ``margin`` is exact wherever the fast path's error stays below the threshold; the
 threshold is measured (``margingate calibrate``), not proven.
 """
 
@@ -19,9 +22,9 @@ import math
 from importlib import resources
 from typing import Any
 
-POLICIES = ("off", "margin", "always", "invariant")
+POLICIES = ("off", "margin", "always", "invariant", "window")
 # Policies whose determinism is guaranteed by construction: a failure of one is a bug.
-EXACT_POLICIES = ("always", "invariant")
+EXACT_POLICIES = ("always", "invariant", "window")
 
 # For a model without a shipped calibration. DESIGN.md measured first divergences at margins
 # 0.06-0.13 on Gemma 3 270M (median margin 3.4): 0.5 is 4x the largest of those.

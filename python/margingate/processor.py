@@ -61,6 +61,8 @@ class MarginGateProcessor(LogitsProcessor):
             ``canonical_prefill`` returns; the prompt length after ``margingate.generate``'s prefill).
         eos_token_id: rows that generated one of these are finished: not counted, not verified.
         record_margins: keep every step's fast-path margin per row (``margins``).
+        piggyback: when rows are flagged, also replay the unflagged rows whose canonical frontier
+            is not behind theirs (same window, one forward); ``False`` replays the flagged rows only.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class MarginGateProcessor(LogitsProcessor):
         canonical_upto: int = 0,
         eos_token_id: int | Sequence[int] | None = None,
         record_margins: bool = False,
+        piggyback: bool = True,
     ) -> None:
         check_policy(policy, _NAME, PROCESSOR_POLICIES)
         check_threshold(threshold, _NAME)
@@ -97,6 +100,7 @@ class MarginGateProcessor(LogitsProcessor):
         self.canonical_upto = canonical_upto
         self.eos_token_id = torch.tensor(hf_compat.as_token_ids(eos_token_id), dtype=torch.long)
         self.record_margins = record_margins
+        self.piggyback = piggyback
 
         # Per-generation state, set at the first call.
         self.verifier: Verifier | None = None
@@ -105,7 +109,8 @@ class MarginGateProcessor(LogitsProcessor):
         self._last_ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self.steps: torch.Tensor | None = None  # [B] int64: decode steps per active row
-        self.verified: torch.Tensor | None = None
+        self.verified: torch.Tensor | None = None  # [B]: steps replayed canonically (flagged or along)
+        self.triggered: torch.Tensor | None = None  # [B]: steps the gate flagged
         self.repairs: torch.Tensor | None = None
         self.repair_events: list[tuple[int, int, float]] = []  # (row, step, fast margin)
         self.verified_rows: list[list[int]] = []  # per step: the rows the verifier replayed
@@ -136,15 +141,22 @@ class MarginGateProcessor(LogitsProcessor):
         # at step 0): nothing to verify. NaN margins fail `>=` and are verified.
         stale = self.verifier.canonical_upto < length
         flagged = active & stale & ~(fast_margin >= self.threshold)
-        rows = flagged.nonzero().flatten()
-        if rows.numel() == 0:
+        if not bool(flagged.any()):
             return scores
+        # Rows whose canonical frontier is not behind the flagged rows' join the replay: it does not
+        # get longer, one forward reads the weights for all of them, and their frontiers catch up,
+        # so later windows stay short. (Without this, at batch 16 some row was flagged at most steps
+        # and its window kept growing: margin cost more than always.)
+        start = int(self.verifier.canonical_upto[flagged].min())
+        along = active & stale & (self.verifier.canonical_upto >= start) if self.piggyback else flagged
+        rows = (flagged | along).nonzero().flatten()
         hf_compat.check_cache(self.cache, _NAME)
         verified = self.verifier.verify_(input_ids, self._mask, rows)
         verified = verified.to(dtype=scores.dtype, device=scores.device)
         rows_dev = rows.to(scores.device)
         changed = (verified.argmax(dim=-1) != top1.index_select(0, rows_dev)).cpu()
         self.verified[rows] += 1
+        self.triggered += flagged.long()
         self.verified_rows[-1] = rows.tolist()
         self.verify_starts[-1] = self.verifier.last_start
         self.repairs[rows[changed]] += 1
@@ -172,6 +184,7 @@ class MarginGateProcessor(LogitsProcessor):
             self.verifier = Verifier(self.model, self.cache, batch, self.canonical_upto)
             self.steps = torch.zeros(batch, dtype=torch.long)
             self.verified = torch.zeros(batch, dtype=torch.long)
+            self.triggered = torch.zeros(batch, dtype=torch.long)
             self.repairs = torch.zeros(batch, dtype=torch.long)
         else:
             last = self._last_ids
@@ -193,6 +206,7 @@ class MarginGateProcessor(LogitsProcessor):
                 {
                     "steps": int(self.steps[r]),
                     "verified": int(self.verified[r]),
+                    "triggered": int(self.triggered[r]),
                     "repairs": int(self.repairs[r]),
                     "replayed_positions": int(self.verifier.replayed[r]),
                     "repair_steps": [s for (row, s, _) in self.repair_events if row == r],
@@ -203,20 +217,39 @@ class MarginGateProcessor(LogitsProcessor):
 
 
 def summarize(rows: list[dict[str, Any]], *, policy: str, threshold: float, seconds: float = 0.0) -> dict[str, Any]:
-    """Totals over per-row statistics (also used to merge the batches of one ``generate`` call)."""
+    """Totals over per-row statistics (also used to merge the batches of one ``generate`` call).
+    ``trigger_rate`` = steps the gate flagged / steps; ``verified`` also counts the rows that joined
+    a replay without being flagged (``piggyback``)."""
     steps = sum(r["steps"] for r in rows)
     verified = sum(r["verified"] for r in rows)
+    triggered = sum(r.get("triggered", r["verified"]) for r in rows)
     for r in rows:
-        r["trigger_rate"] = r["verified"] / r["steps"] if r["steps"] else 0.0
+        r["trigger_rate"] = r.get("triggered", r["verified"]) / r["steps"] if r["steps"] else 0.0
+    delays = sorted(d for r in rows for d in r.get("final_delays", ()))
+    ttft = sorted(r["ttft"] for r in rows if r.get("ttft") is not None)
     return {
         "policy": policy,
         "threshold": threshold,
         "steps": steps,
         "verified": verified,
+        "triggered": triggered,
         "repairs": sum(r["repairs"] for r in rows),
         "replayed_positions": sum(r["replayed_positions"] for r in rows),
-        "trigger_rate": verified / steps if steps else 0.0,
+        "trigger_rate": triggered / steps if steps else 0.0,
+        "stream": {
+            "delay_p50_s": _quantile(delays, 0.5),
+            "delay_p99_s": _quantile(delays, 0.99),
+            "ttft_p50_s": _quantile(ttft, 0.5),
+            "ttft_p99_s": _quantile(ttft, 0.99),
+        },
         "repair_margins": [m for r in rows for m in r["repair_margins"]],
         "per_row": rows,
         "seconds": seconds,
     }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values (nearest rank); NaN when there are none."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
