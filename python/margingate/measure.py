@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .generation import generate
+from .generation import DEFAULT_WINDOW, generate
 from .policies import EXACT_POLICIES
 
 QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50)
@@ -50,6 +50,7 @@ def decode_config(
     batch_size: int,
     max_new_tokens: int,
     threshold: float | None = None,
+    window: int = DEFAULT_WINDOW,
     eos: Sequence[int] = (),
     pad_id: int = 0,
     record_margins: bool = False,
@@ -62,6 +63,7 @@ def decode_config(
         [list(prompts[i]) for i in order],
         policy=policy,
         threshold=threshold,
+        window=window,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         record_margins=record_margins,
@@ -228,6 +230,16 @@ def calibrated_threshold(report: dict[str, Any], safety_factor: float) -> float:
     return safety_factor * observed
 
 
+def increment_ratio(per_policy: dict[str, dict[str, Any]], baseline: str, policy: str) -> float | None:
+    """increment(baseline) / increment(policy), both over ``off`` in the same run; None when either
+    policy is missing or an increment is not positive (a ratio of noise)."""
+    if baseline not in per_policy or policy not in per_policy:
+        return None
+    inc_b = per_policy[baseline]["latency_increment_s"]
+    inc_p = per_policy[policy]["latency_increment_s"]
+    return inc_b / inc_p if inc_b > 0 and inc_p > 0 else None
+
+
 def check_report(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -236,6 +248,7 @@ def check_report(
     batch_sizes: Sequence[int],
     max_new_tokens: int,
     threshold: float | None,
+    window: int = DEFAULT_WINDOW,
     eos: Sequence[int] = (),
     pad_id: int = 0,
     on_run: Callable[[str], None] | None = None,
@@ -244,7 +257,9 @@ def check_report(
     configuration-major, so machine noise hits every policy alike) and reports per policy: prompts
     identical in all configurations, flips against the reference, trigger rate, repairs, time and
     latency increment over ``off``. ``exact_failures`` lists the exact policies (``always``,
-    ``invariant``) that were not deterministic: a bug, never a calibration miss."""
+    ``invariant``, ``window``) that were not deterministic: a bug, never a calibration miss.
+    ``fastest_deterministic`` names the fastest policy whose sequences were identical in every
+    configuration (``off`` included: on some CPUs the invariant kernels beat the vendor's)."""
     _require_two(batch_sizes)
     policies = list(dict.fromkeys(["off", *policies]))
     n = len(prompts)
@@ -256,7 +271,7 @@ def check_report(
                 on_run(f"{policy}, {config_name(b)}")
             results[policy][b] = decode_config(
                 model, prompts, policy=policy, batch_size=b, max_new_tokens=max_new_tokens, threshold=threshold,
-                eos=eos, pad_id=pad_id, record_margins=(policy == "off"),
+                window=window, eos=eos, pad_id=pad_id, record_margins=(policy == "off"),
             )
     reference = batch_sizes[0]
     off_seconds = sum(results["off"][b]["seconds"] for b in batch_sizes)
@@ -277,6 +292,7 @@ def check_report(
             events += [{"batch_size": b, **e} for e in cmp["events"]]
         steps = sum(runs[b]["stats"]["steps"] for b in batch_sizes)
         verified = sum(runs[b]["stats"]["verified"] for b in batch_sizes)
+        triggered = sum(runs[b]["stats"]["triggered"] for b in batch_sizes)
         seconds = sum(runs[b]["seconds"] for b in batch_sizes)
         tokens = sum(len(s) for b in batch_sizes for s in runs[b]["sequences"])
         increment = seconds - off_seconds
@@ -290,7 +306,8 @@ def check_report(
             "divergences": events,
             "steps": steps,
             "verified": verified,
-            "trigger_rate": verified / steps if steps else 0.0,
+            "triggered": triggered,
+            "trigger_rate": triggered / steps if steps else 0.0,
             "repairs": sum(runs[b]["stats"]["repairs"] for b in batch_sizes),
             "tokens": tokens,
             "seconds": seconds,
@@ -300,17 +317,19 @@ def check_report(
             "matches_always": sum(1 for i in range(n) if ref[i] == always_ref[i]) if always_ref else None,
             "threshold": runs[reference]["stats"]["threshold"],
             "prefill": runs[reference]["stats"]["prefill"],
+            "stream": runs[reference]["stats"]["stream"],
+            "rolled_back": sum(runs[b]["stats"].get("rolled_back", 0) for b in batch_sizes),
+            "verify_passes": sum(runs[b]["stats"].get("verify_passes", 0) for b in batch_sizes),
             "per_config": {
-                str(b): {k: runs[b]["stats"][k] for k in ("seconds", "steps", "verified", "repairs")}
+                str(b): {k: runs[b]["stats"][k] for k in ("seconds", "steps", "verified", "repairs", "stream")}
                 for b in batch_sizes
             },
         }
-    ratio = None
-    if "margin" in per_policy and "always" in per_policy:
-        inc_m = per_policy["margin"]["latency_increment_s"]
-        inc_a = per_policy["always"]["latency_increment_s"]
-        if inc_m > 0 and inc_a > 0:
-            ratio = inc_a / inc_m
+    ratios = {
+        baseline: increment_ratio(per_policy, baseline, "margin") for baseline in ("window", "always")
+    }
+    deterministic = [p for p in policies if per_policy[p]["deterministic"]]
+    fastest = min(deterministic, key=lambda p: per_policy[p]["seconds"]) if deterministic else None
     off_events = per_policy["off"]["divergences"]
     step_margins = [m for b in batch_sizes for row in results["off"][b]["margins"] for m in row]
     gated = [p for p in policies if p != "off"]
@@ -321,7 +340,12 @@ def check_report(
         "reference_batch_size": reference,
         "threshold": threshold,
         "policies": per_policy,
-        "increment_ratio_always_over_margin": ratio,
+        "increment_ratio_window_over_margin": ratios["window"],
+        "increment_ratio_always_over_margin": ratios["always"],
+        "fastest_deterministic": fastest,
+        "fastest_deterministic_beats_off": fastest is not None
+        and fastest != "off"
+        and per_policy[fastest]["seconds"] < per_policy["off"]["seconds"],
         "deterministic": all(per_policy[p]["deterministic"] for p in gated),
         "determinism_failures": [p for p in gated if not per_policy[p]["deterministic"]],
         "exact_failures": [p for p in EXACT_POLICIES if p in per_policy and not per_policy[p]["deterministic"]],
