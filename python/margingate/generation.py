@@ -59,6 +59,19 @@ _REFUSED = {
 }
 
 
+def _harmless(key: str, value: Any) -> bool:
+    """Whether a transformers generate argument asks for exactly what this greedy loop does."""
+    if isinstance(value, bool):
+        return key == "do_sample" and value is False
+    if value is None:
+        return True
+    if key in ("num_beams", "num_return_sequences", "top_p"):
+        return isinstance(value, int | float) and value == 1
+    if key in ("temperature", "top_k"):
+        return isinstance(value, int | float) and value == 0
+    return False
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """What ``generate`` returns.
@@ -121,9 +134,12 @@ def generate(
     Every argument is checked before anything runs; a bad one raises ``ValueError`` or
     ``TypeError`` and leaves the model as it was.
     """
-    for key in unsupported:
+    for key, value in list(unsupported.items()):
         if key in _REFUSED:
-            raise ValueError(f"{_WHERE}: {key}: {_REFUSED[key]}")
+            if _harmless(key, value):
+                del unsupported[key]  # greedy, one beam, one sequence: what this loop does anyway
+                continue
+            raise ValueError(f"{_WHERE}: {key}={value!r}: {_REFUSED[key]}")
     if unsupported:
         raise TypeError(f"{_WHERE}: unexpected keyword argument(s) {', '.join(sorted(unsupported))}")
     check_policy(policy, _WHERE)
