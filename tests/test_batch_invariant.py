@@ -9,7 +9,6 @@ them), so these tests prove something.
 from __future__ import annotations
 
 import functools
-import importlib
 import threading
 
 import pytest
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import margingate
+from margingate import invariant_mode
 from margingate.canonical import position_ids_from_mask
 from tests.models import FAMILIES, build_model
 
@@ -28,8 +28,14 @@ CASES = [(f, d) for f in FAMILIES for d in DTYPES]
 CASE_IDS = [f"{f}-{str(d).removeprefix('torch.')}" for f, d in CASES]
 VOCAB = 384
 PAD = 0
-# margingate.batch_invariant is the context manager; the module behind it:
-bi_module = importlib.import_module("margingate.batch_invariant")
+
+
+def mode_on_stack() -> bool:
+    """Whether the calling thread's dispatch-mode stack holds the batch-invariant mode."""
+    return any(
+        isinstance(mode, invariant_mode.BatchInvariantMode)
+        for mode in torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+    )
 
 
 @functools.cache
@@ -300,7 +306,7 @@ def test_mode_is_reentrant_thread_aware_and_restored():
     expected = {name: op() for name, op in vendor_ops.items()}
 
     def other_thread():
-        seen_in_thread["enabled"] = bi_module.is_enabled()
+        seen_in_thread["enabled"] = invariant_mode.is_enabled()
         seen_in_thread["mm"] = torch.mm(a, b)
         # Every overridden op falls back to the vendor kernel in a thread outside the mode.
         seen_in_thread["others"] = {
@@ -309,20 +315,20 @@ def test_mode_is_reentrant_thread_aware_and_restored():
 
     with margingate.batch_invariant():
         with margingate.batch_invariant():
-            assert bi_module.is_enabled()
+            assert invariant_mode.is_enabled()
             assert torch.equal(torch.mm(a, b), fixed)
-        assert bi_module.is_enabled()
+        assert invariant_mode.is_enabled()
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
         assert torch.equal(torch.mm(a, b), fixed)
-    assert not bi_module.is_enabled() and bi_module._library is None
+    assert not invariant_mode.is_enabled() and not mode_on_stack()
     assert seen_in_thread["enabled"] is False and torch.equal(seen_in_thread["mm"], vendor)
     assert all(seen_in_thread["others"].values()), seen_in_thread["others"]
     assert torch.equal(torch.mm(a, b), vendor)
     with pytest.raises(KeyError), margingate.batch_invariant():
         raise KeyError("boom")
-    assert not bi_module.is_enabled() and bi_module._library is None
+    assert not invariant_mode.is_enabled() and not mode_on_stack()
     assert torch.equal(torch.mm(a, b), vendor)
 
 
@@ -339,8 +345,8 @@ def test_fixed_row_ops_are_invariant_and_accurate(dtype):
         "silu": F.silu,
         "mean": lambda t: t.float().pow(2).mean(-1, keepdim=True),
         "sum": lambda t: t.sum(-1),
-        "softmax": lambda t: bi_module.fixed_order_softmax(t, -1),
-        "log_softmax": lambda t: bi_module.fixed_order_softmax(t, -1, log=True),
+        "softmax": lambda t: invariant_mode.fixed_order_softmax(t, -1),
+        "log_softmax": lambda t: invariant_mode.fixed_order_softmax(t, -1, log=True),
     }
     for name, op in ops.items():
         with margingate.batch_invariant():

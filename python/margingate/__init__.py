@@ -11,7 +11,7 @@ from .ops import attention, build_info, kv_patch_, linear, margin
 __all__ = ["attention", "build_info", "kv_patch_", "linear", "margin"]
 
 # Batch-invariant mode and the canonical forward (registers the "margingate" HF attention).
-from .batch_invariant import batch_invariant  # noqa: E402
+from .invariant_mode import batch_invariant  # noqa: E402
 
 try:
     from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward

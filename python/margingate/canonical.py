@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from . import hf_attention
-from .batch_invariant import batch_invariant
+from .invariant_mode import batch_invariant
 
 # The HF model types whose every layer this module reproduces exactly, proven by
 # tests/test_batch_invariant.py on tiny random models of each family.
