@@ -51,7 +51,8 @@ import math
 import threading
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -111,16 +112,18 @@ def batch_invariant(model: torch.nn.Module | None = None) -> _BatchInvariant:
 def _enter_thread() -> None:
     depth = getattr(_thread_state, "depth", 0)
     if depth == 0:
-        mode = BatchInvariantMode()
-        mode.__enter__()
+        modes = [_FunctionFilter(BatchInvariantMode())]
         try:
+            modes[0].__enter__()
             attention = _canonical_attention()
             if attention is not None:
                 attention.__enter__()
+                modes.append(attention)
         except BaseException:
-            mode.__exit__(None, None, None)
+            for mode in reversed(modes[: len(modes)]):
+                mode.__exit__(None, None, None)
             raise
-        _thread_state.mode, _thread_state.attention = mode, attention
+        _thread_state.modes = modes
     _thread_state.depth = depth + 1
 
 
@@ -128,13 +131,12 @@ def _leave_thread() -> None:
     depth = _thread_state.depth - 1
     _thread_state.depth = depth
     if depth == 0:
-        mode, attention = _thread_state.mode, _thread_state.attention
-        _thread_state.mode = _thread_state.attention = None
+        modes, _thread_state.modes = _thread_state.modes, None
         try:
-            if attention is not None:
-                attention.__exit__(None, None, None)
+            if len(modes) > 1:
+                modes[1].__exit__(None, None, None)
         finally:
-            mode.__exit__(None, None, None)
+            modes[0].__exit__(None, None, None)
 
 
 def _canonical_attention():
@@ -164,6 +166,37 @@ class BatchInvariantMode(TorchDispatchMode):
         if handler is None:
             return func(*args, **kwargs) if kwargs else func(*args)
         return handler(func, *args, **(kwargs or {}))
+
+
+class _FunctionFilter(TorchFunctionMode):
+    """The cheap first stage: a function-level mode that lets through the torch functions known to
+    reach no routed or refused aten op (views, elementwise arithmetic, conversions), sends
+    ``F.linear`` straight to ``margingate.linear``, and runs every other function with
+    ``BatchInvariantMode`` pushed, so that the aten ops it reaches, also from C++ composites, are
+    routed exactly as if the dispatch mode were on for the whole block. (A dispatch mode alone
+    costs one Python call per aten op of the model: see the module docstring.)"""
+
+    def __init__(self, dispatch_mode: BatchInvariantMode) -> None:
+        super().__init__()
+        self._dispatch_mode = dispatch_mode
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kind = _function_kinds.get(func)
+        if kind is None and isinstance(func, torch._ops.OpOverload) and func.namespace == "margingate":
+            kind = _function_kinds[func] = _LEAF  # our own kernels
+        if kind is _LEAF:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if kind is not None:
+            out = kind(*args, **(kwargs or {}))
+            if out is not None:
+                return out
+        # torch's own mode push / pop (TorchDispatchMode.__enter__ also toggles process-wide
+        # Python flags, which threads would race on); the stack it edits is this thread's.
+        _push_mode(self._dispatch_mode)
+        try:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        finally:
+            _pop_mode()
 
 
 # --------------------------------------------------------------------------- matmuls
@@ -228,7 +261,7 @@ def _reduces_last_dim_only(x: torch.Tensor, dim) -> bool:
     if dim is None or x.dim() == 0:
         return False
     dims = [dim] if isinstance(dim, int) else list(dim)
-    return len(dims) == 1 and dims[0] % x.dim() == x.dim() - 1
+    return len(dims) == 1 and isinstance(dims[0], int) and dims[0] % x.dim() == x.dim() - 1
 
 
 _ones_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -394,3 +427,57 @@ def _run_higher_order(func, *args, **kwargs):
 
 # Handlers by op, filled on first sight (a dict lookup per op afterwards; racing fills agree).
 _handlers: dict[object, object] = dict(_ROUTES)
+
+
+# --------------------------------------------------------------------------- the function filter
+_LEAF = "leaf"
+
+# Tensor methods and torch functions that are one aten op (or a view) none of which is routed or
+# refused above, whatever their arguments: they run without the dispatch stage. Anything not listed
+# (sum, mean, softmax, matmul, einsum, norms, losses, attention, ...) takes the exact aten path.
+_LEAF_TENSOR_METHODS = ["__getitem__", "__setitem__", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__neg__", "__pow__", "__rpow__", "__and__", "__or__", "__xor__", "__invert__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__", "__index__", "__int__", "__float__", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "neg_", "pow", "pow_", "rsqrt", "rsqrt_", "sqrt", "sqrt_", "exp", "exp_", "tanh", "tanh_", "cos", "sin", "abs", "clamp", "clamp_", "float", "half", "bfloat16", "double", "long", "int", "bool", "to", "type", "type_as", "view", "view_as", "reshape", "reshape_as", "transpose", "transpose_", "permute", "unsqueeze", "unsqueeze_", "squeeze", "squeeze_", "contiguous", "clone", "detach", "expand", "expand_as", "flatten", "narrow", "select", "split", "chunk", "index_select", "gather", "masked_fill", "masked_fill_", "copy_", "fill_", "zero_", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "repeat", "flip", "dim", "size", "numel", "stride", "is_contiguous", "item", "tolist", "any", "all", "data_ptr", "element_size", "is_floating_point"]
+_LEAF_TORCH_FUNCTIONS = ["cat", "stack", "rsqrt", "sqrt", "exp", "tanh", "cos", "sin", "neg", "tensor", "as_tensor", "arange", "ones", "zeros", "empty", "full", "ones_like", "zeros_like", "empty_like", "full_like", "where", "clamp"]
+
+
+def _direct_mean(x, dim=None, keepdim=False, *, dtype=None, out=None):
+    """``mean`` over the last dim as ``aten::mean.dim``'s handler computes it (None: any other
+    form, take the aten path)."""
+    if out is not None or not isinstance(x, torch.Tensor) or not _routes_reduction(x, dim, dtype):
+        return None
+    return (fixed_order_sum(x, keepdim=keepdim) / x.shape[-1]).to(dtype or x.dtype)
+
+
+def _direct_linear(x, weight, bias=None):
+    """``F.linear`` as one ``margingate.linear`` call (None: not a case it covers, take the aten
+    path). Same bits as the aten route (addmm / mm / bmm -> margingate.linear: a row's result
+    depends on the row alone, however the rows are folded), with the bias always fused."""
+    dtype = x.dtype
+    if (
+        dtype not in _FLOAT_TYPES
+        or weight.dtype != dtype
+        or weight.dim() != 2
+        or x.dim() == 0
+        or x.device.type not in ("cpu", "cuda")
+        or (bias is not None and (bias.dtype != dtype or bias.dim() != 1))
+    ):
+        return None
+    return _linear(x, weight, bias)
+
+
+def _function_kinds_table() -> dict[object, str]:
+    kinds: dict[object, str] = {}
+    for name in _LEAF_TENSOR_METHODS:
+        kinds[getattr(torch.Tensor, name)] = _LEAF
+    for name in _LEAF_TORCH_FUNCTIONS:
+        kinds[getattr(torch, name)] = _LEAF
+    # Attribute reads (shape, dtype, device, T, ...) reach __torch_function__ as getters.
+    for name in dir(torch._C.TensorBase):
+        attribute = getattr(torch._C.TensorBase, name, None)
+        if type(attribute).__name__ == "getset_descriptor":
+            kinds[attribute.__get__] = _LEAF
+    kinds[torch._C._nn.linear] = _direct_linear
+    kinds[torch.Tensor.mean] = kinds[torch.mean] = _direct_mean
+    return kinds
+
+
+_function_kinds = _function_kinds_table()
