@@ -399,6 +399,43 @@ def test_sdpa_model_inside_the_mode():
     default_forward(model, ids, mask)  # the guard is gone with the mode
 
 
+def test_other_attention_kernels_are_refused_inside_the_mode():
+    """Every sdpa backend (the math fallback too) and flex_attention raise inside the mode, without
+    anything patched in transformers; outside the mode they run."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.randn(1, 2, 8, 16)
+    for backend in (None, SDPBackend.MATH):
+        context = sdpa_kernel(backend) if backend is not None else torch.no_grad()
+        with context, margingate.batch_invariant(), pytest.raises(RuntimeError, match="not batch-invariant"):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex without torch.compile warns that it is unfused
+        # torch.compile (which flex_attention wraps its op in) re-raises our error as a RuntimeError.
+        with margingate.batch_invariant(), pytest.raises(RuntimeError, match="not batch-invariant"):
+            flex_attention(q, q, q)
+    assert F.scaled_dot_product_attention(q, q, q).shape == q.shape
+    assert not invariant_mode.is_enabled() and not mode_on_stack()
+
+
+def test_autograd_through_the_mode():
+    """The direct paths (F.linear, mean) step aside when autograd records: gradients flow, and the
+    forward is the same routed result as without grad."""
+    torch.manual_seed(2)
+    x, w = torch.randn(8, 64), torch.randn(50, 64, requires_grad=True)
+    with margingate.batch_invariant():
+        y = F.linear(x, w).pow(2).mean(-1)
+        y.sum().backward()
+        with torch.no_grad():
+            y_no_grad = F.linear(x, w).pow(2).mean(-1)
+    assert torch.equal(y.detach(), y_no_grad)
+    expected = torch.autograd.grad(F.linear(x, w).pow(2).mean(-1).sum(), w)[0]
+    torch.testing.assert_close(w.grad, expected)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
 def test_generate_with_sliding_window_cache(family):
     """model.generate under batch_invariant(model), with generate's own cache (sliding layers keep

@@ -174,12 +174,14 @@ def test_two_models_two_threads_equal_single_threaded():
         assert torch.equal(got[name][0], tokens) and torch.equal(got[name][1], logits), name
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("release_mid_forward", [False, True])
-def test_switch_in_the_middle_of_a_forward_stays_consistent(release_mid_forward):
+def test_switch_in_the_middle_of_a_forward_stays_consistent(release_mid_forward, implementation):
     """Deterministic version of the race above: a forward outside the mode during which the model
     is switched to "margingate" (or switched back) after its mask is built. Its mask and every
-    layer's attention stay the model's own sdpa: the result equals a plain forward bit for bit."""
-    model = build_model("qwen2", torch.float32)
+    layer's attention stay the model's own (sdpa, or eager: its modeling file's function): the
+    result equals a plain forward bit for bit."""
+    model = build_model("qwen2", torch.float32, attn_implementation=implementation)
     ids = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
@@ -200,7 +202,7 @@ def test_switch_in_the_middle_of_a_forward_stays_consistent(release_mid_forward)
         hook.remove()
         if not release_mid_forward:
             switch.__exit__(None, None, None)
-    assert attn_implementations(model) == {"sdpa"}
+    assert attn_implementations(model) == {implementation}
     assert torch.equal(mixed, plain)
 
 

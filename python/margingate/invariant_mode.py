@@ -32,17 +32,25 @@ Attention is the Hugging Face attention implementation ``"margingate"`` (``hf_at
 ``batch_invariant(model)`` switches ``model`` to it for the duration. Any other attention kernel
 raises inside the mode instead of giving batch-dependent logits: the mode refuses the aten
 scaled-dot-product-attention ops (every sdpa backend, including the math fallback's
-``_safe_softmax``), flash-attention custom ops and the ``flex_attention`` higher-order op. (An
-"eager" attention is plain matmuls and a softmax, routed like any other; its additive 4-D mask
-is not what makes it batch-dependent, its padded key length is: use the "margingate" attention.)
+``_safe_softmax``), flash-attention custom ops and the ``flex_attention`` higher-order op. An
+"eager" attention (plain matmuls and a softmax, routed like any other op) is not refused; it is
+batch-invariant only without left padding, since a padded row reduces over more keys.
 
-Mechanism: a ``TorchDispatchMode`` pushed on the calling thread's dispatch-mode stack. Torch keeps
-that stack per thread, so other threads never see the mode, and nothing is registered or patched
-process-wide. Chosen over a ``TorchFunctionMode`` because it sees the aten ops themselves, also
-those that composite functions (``linear``, ``matmul``, ``einsum``, ``rms_norm``...) call from
-C++, which a function-level mode cannot catch; the cost is one Python call per aten op (measured
-in ``bench/README.md``). The context is re-entrant (a nested entry only counts), and every exit
-path, ``KeyboardInterrupt`` included, pops the mode and restores the model in ``__exit__``.
+Mechanism: two torch modes pushed on the calling thread's mode stacks, which torch keeps per
+thread, so other threads never see them and nothing is registered or patched process-wide.
+``BatchInvariantMode`` (a ``TorchDispatchMode``) does the routing above at the aten level, where it
+also sees the ops that composites (``linear``, ``matmul``, ``einsum``, ``rms_norm``...) call from
+C++. Left alone on the stack it costs one Python call per aten op of the model (measured: +40 % of
+a Gemma 3 270M decode step). So a ``TorchFunctionMode`` stands in front of it: torch functions
+known to reach no routed op (views, elementwise arithmetic, conversions: ``_LEAF_*`` below) run
+directly, ``F.linear`` and ``mean`` go straight to the same fixed kernels, and every other function
+runs with the dispatch mode pushed for the duration of the call, so its aten ops are routed exactly
+as if the dispatch mode were on all along. (Measured in ``bench/README.md``: the pair costs about
+what the old process-wide aten registration did.) A call that bypasses ``__torch_function__``
+(code under ``torch._C.DisableTorchFunction``) is not routed.
+
+The context is re-entrant (a nested entry only counts), and every exit path, ``KeyboardInterrupt``
+included, pops the modes and restores the model in ``__exit__``.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The flex_attention higher-order op (torch registers it on import of torch.nn.attention.flex_attention).
+_FLEX_ATTENTION = getattr(torch.ops.higher_order, "flex_attention", None)
 
 _thread_state = threading.local()
 
@@ -181,6 +191,10 @@ class _FunctionFilter(TorchFunctionMode):
         self._dispatch_mode = dispatch_mode
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is _FLEX_ATTENTION:
+            # flex_attention wraps its op in torch.compile, which traces this method: refuse here,
+            # before torch.compile fails on the mode's stack edits with a less helpful message.
+            _refuse_attention(func)
         kind = _function_kinds.get(func)
         if kind is None and isinstance(func, torch._ops.OpOverload) and func.namespace == "margingate":
             kind = _function_kinds[func] = _LEAF  # our own kernels
@@ -439,10 +453,21 @@ _LEAF_TENSOR_METHODS = ["__getitem__", "__setitem__", "__add__", "__radd__", "__
 _LEAF_TORCH_FUNCTIONS = ["cat", "stack", "rsqrt", "sqrt", "exp", "tanh", "cos", "sin", "neg", "tensor", "as_tensor", "arange", "ones", "zeros", "empty", "full", "ones_like", "zeros_like", "empty_like", "full_like", "where", "clamp"]
 
 
+def _needs_autograd(*tensors) -> bool:
+    """The direct paths call margingate ops, which have no derivative: with autograd recording,
+    take the aten path (routed below autograd, so linear's / mean's own backward applies)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _direct_mean(x, dim=None, keepdim=False, *, dtype=None, out=None):
     """``mean`` over the last dim as ``aten::mean.dim``'s handler computes it (None: any other
     form, take the aten path)."""
-    if out is not None or not isinstance(x, torch.Tensor) or not _routes_reduction(x, dim, dtype):
+    if (
+        out is not None
+        or not isinstance(x, torch.Tensor)
+        or _needs_autograd(x)
+        or not _routes_reduction(x, dim, dtype)
+    ):
         return None
     return (fixed_order_sum(x, keepdim=keepdim) / x.shape[-1]).to(dtype or x.dtype)
 
@@ -453,7 +478,8 @@ def _direct_linear(x, weight, bias=None):
     depends on the row alone, however the rows are folded), with the bias always fused."""
     dtype = x.dtype
     if (
-        dtype not in _FLOAT_TYPES
+        _needs_autograd(x, weight, bias)
+        or dtype not in _FLOAT_TYPES
         or weight.dtype != dtype
         or weight.dim() != 2
         or x.dim() == 0
