@@ -332,6 +332,17 @@ def test_mode_is_reentrant_thread_aware_and_restored():
     assert torch.equal(torch.mm(a, b), vendor)
 
 
+def test_package_layout():
+    """margingate.batch_invariant is the context manager; the module behind it is invariant_mode
+    (no submodule of the same name shadows the function), and HF attention does not import it."""
+    import importlib.util
+
+    assert margingate.batch_invariant is invariant_mode.batch_invariant
+    assert importlib.util.find_spec("margingate.batch_invariant") is None
+    source = importlib.util.find_spec("margingate.hf_attention").loader.get_source("margingate.hf_attention")
+    assert "invariant_mode" not in source
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 def test_fixed_row_ops_are_invariant_and_accurate(dtype):
     """The recomposed activations / reductions give a row the same bits in any batch and layout,
