@@ -122,18 +122,16 @@ def batch_invariant(model: torch.nn.Module | None = None) -> _BatchInvariant:
 def _enter_thread() -> None:
     depth = getattr(_thread_state, "depth", 0)
     if depth == 0:
-        modes = [_FunctionFilter(BatchInvariantMode())]
+        function_filter = _FunctionFilter(BatchInvariantMode())
+        function_filter.__enter__()
         try:
-            modes[0].__enter__()
             attention = _canonical_attention()
             if attention is not None:
                 attention.__enter__()
-                modes.append(attention)
         except BaseException:
-            for mode in reversed(modes[: len(modes)]):
-                mode.__exit__(None, None, None)
+            function_filter.__exit__(None, None, None)
             raise
-        _thread_state.modes = modes
+        _thread_state.entered = (function_filter, attention)
     _thread_state.depth = depth + 1
 
 
@@ -141,12 +139,12 @@ def _leave_thread() -> None:
     depth = _thread_state.depth - 1
     _thread_state.depth = depth
     if depth == 0:
-        modes, _thread_state.modes = _thread_state.modes, None
+        (function_filter, attention), _thread_state.entered = _thread_state.entered, None
         try:
-            if len(modes) > 1:
-                modes[1].__exit__(None, None, None)
+            if attention is not None:
+                attention.__exit__(None, None, None)
         finally:
-            modes[0].__exit__(None, None, None)
+            function_filter.__exit__(None, None, None)
 
 
 def _canonical_attention():
@@ -449,8 +447,28 @@ _LEAF = "leaf"
 # Tensor methods and torch functions that are one aten op (or a view) none of which is routed or
 # refused above, whatever their arguments: they run without the dispatch stage. Anything not listed
 # (sum, mean, softmax, matmul, einsum, norms, losses, attention, ...) takes the exact aten path.
-_LEAF_TENSOR_METHODS = ["__getitem__", "__setitem__", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__neg__", "__pow__", "__rpow__", "__and__", "__or__", "__xor__", "__invert__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__", "__index__", "__int__", "__float__", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "neg_", "pow", "pow_", "rsqrt", "rsqrt_", "sqrt", "sqrt_", "exp", "exp_", "tanh", "tanh_", "cos", "sin", "abs", "clamp", "clamp_", "float", "half", "bfloat16", "double", "long", "int", "bool", "to", "type", "type_as", "view", "view_as", "reshape", "reshape_as", "transpose", "transpose_", "permute", "unsqueeze", "unsqueeze_", "squeeze", "squeeze_", "contiguous", "clone", "detach", "expand", "expand_as", "flatten", "narrow", "select", "split", "chunk", "index_select", "gather", "masked_fill", "masked_fill_", "copy_", "fill_", "zero_", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "repeat", "flip", "dim", "size", "numel", "stride", "is_contiguous", "item", "tolist", "any", "all", "data_ptr", "element_size", "is_floating_point"]
-_LEAF_TORCH_FUNCTIONS = ["cat", "stack", "rsqrt", "sqrt", "exp", "tanh", "cos", "sin", "neg", "tensor", "as_tensor", "arange", "ones", "zeros", "empty", "full", "ones_like", "zeros_like", "empty_like", "full_like", "where", "clamp"]
+# fmt: off
+_LEAF_TENSOR_METHODS = [
+    "__getitem__", "__setitem__", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
+    "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__neg__",
+    "__pow__", "__rpow__", "__and__", "__or__", "__xor__", "__invert__", "__eq__", "__ne__", "__lt__",
+    "__le__", "__gt__", "__ge__", "__bool__", "__len__", "__index__", "__int__", "__float__", "add",
+    "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "neg_", "pow", "pow_", "rsqrt", "rsqrt_",
+    "sqrt", "sqrt_", "exp", "exp_", "tanh", "tanh_", "cos", "sin", "abs", "clamp", "clamp_", "float",
+    "half", "bfloat16", "double", "long", "int", "bool", "to", "type", "type_as", "view", "view_as",
+    "reshape", "reshape_as", "transpose", "transpose_", "permute", "unsqueeze", "unsqueeze_", "squeeze",
+    "squeeze_", "contiguous", "clone", "detach", "expand", "expand_as", "flatten", "narrow", "select",
+    "split", "chunk", "index_select", "gather", "masked_fill", "masked_fill_", "copy_", "fill_", "zero_",
+    "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "repeat", "flip", "dim", "size",
+    "numel", "stride", "is_contiguous", "item", "tolist", "any", "all", "data_ptr", "element_size",
+    "is_floating_point",
+]
+_LEAF_TORCH_FUNCTIONS = [
+    "cat", "stack", "rsqrt", "sqrt", "exp", "tanh", "cos", "sin", "neg", "tensor", "as_tensor", "arange",
+    "ones", "zeros", "empty", "full", "ones_like", "zeros_like", "empty_like", "full_like", "where",
+    "clamp",
+]
+# fmt: on
 
 
 def _needs_autograd(*tensors) -> bool:
@@ -474,15 +492,17 @@ def _direct_mean(x, dim=None, keepdim=False, *, dtype=None, out=None):
 
 def _direct_linear(x, weight, bias=None):
     """``F.linear`` as one ``margingate.linear`` call (None: not a case it covers, take the aten
-    path). Same bits as the aten route (addmm / mm / bmm -> margingate.linear: a row's result
-    depends on the row alone, however the rows are folded), with the bias always fused."""
+    path). Same bits as the aten route (addmm / mm -> margingate.linear: a row's result depends on
+    the row alone, however the rows are folded), except that the bias is always fused: aten adds it
+    separately for a non-contiguous 3-D input, which could make a row's bits depend on its batch's
+    layout."""
     dtype = x.dtype
     if (
         _needs_autograd(x, weight, bias)
         or dtype not in _FLOAT_TYPES
         or weight.dtype != dtype
         or weight.dim() != 2
-        or x.dim() == 0
+        or x.dim() < 2
         or x.device.type not in ("cpu", "cuda")
         or (bias is not None and (bias.dtype != dtype or bias.dim() != 1))
     ):
