@@ -9,7 +9,6 @@ them), so these tests prove something.
 from __future__ import annotations
 
 import functools
-import importlib
 import threading
 
 import pytest
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import margingate
-from margingate import hf_compat
+from margingate import hf_compat, invariant_mode
 from margingate.batching import position_ids as position_ids_from_mask
 from tests.models import FAMILIES, build_model
 
@@ -29,8 +28,14 @@ CASES = [(f, d) for f in FAMILIES for d in DTYPES]
 CASE_IDS = [f"{f}-{str(d).removeprefix('torch.')}" for f, d in CASES]
 VOCAB = 384
 PAD = 0
-# margingate.batch_invariant is the context manager; the module behind it:
-bi_module = importlib.import_module("margingate.invariant_mode")
+
+
+def mode_on_stack() -> bool:
+    """Whether the calling thread's dispatch-mode stack holds the batch-invariant mode."""
+    return any(
+        isinstance(mode, invariant_mode.BatchInvariantMode)
+        for mode in torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+    )
 
 
 @functools.cache
@@ -233,7 +238,7 @@ def test_mode_is_reentrant_thread_aware_and_restored():
     expected = {name: op() for name, op in vendor_ops.items()}
 
     def other_thread():
-        seen_in_thread["enabled"] = bi_module.is_enabled()
+        seen_in_thread["enabled"] = invariant_mode.is_enabled()
         seen_in_thread["mm"] = torch.mm(a, b)
         # Every overridden op falls back to the vendor kernel in a thread outside the mode.
         seen_in_thread["others"] = {
@@ -242,21 +247,32 @@ def test_mode_is_reentrant_thread_aware_and_restored():
 
     with margingate.batch_invariant():
         with margingate.batch_invariant():
-            assert bi_module.is_enabled()
+            assert invariant_mode.is_enabled()
             assert torch.equal(torch.mm(a, b), fixed)
-        assert bi_module.is_enabled()
+        assert invariant_mode.is_enabled()
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
         assert torch.equal(torch.mm(a, b), fixed)
-    assert not bi_module.is_enabled() and bi_module._library is None
+    assert not invariant_mode.is_enabled() and not mode_on_stack()
     assert seen_in_thread["enabled"] is False and torch.equal(seen_in_thread["mm"], vendor)
     assert all(seen_in_thread["others"].values()), seen_in_thread["others"]
     assert torch.equal(torch.mm(a, b), vendor)
     with pytest.raises(KeyError), margingate.batch_invariant():
         raise KeyError("boom")
-    assert not bi_module.is_enabled() and bi_module._library is None
+    assert not invariant_mode.is_enabled() and not mode_on_stack()
     assert torch.equal(torch.mm(a, b), vendor)
+
+
+def test_package_layout():
+    """margingate.batch_invariant is the context manager; the module behind it is invariant_mode
+    (no submodule of the same name shadows the function), and HF attention does not import it."""
+    import importlib.util
+
+    assert margingate.batch_invariant is invariant_mode.batch_invariant
+    assert importlib.util.find_spec("margingate.batch_invariant") is None
+    source = importlib.util.find_spec("margingate.hf_attention").loader.get_source("margingate.hf_attention")
+    assert "invariant_mode" not in source
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
@@ -272,8 +288,8 @@ def test_fixed_row_ops_are_invariant_and_accurate(dtype):
         "silu": F.silu,
         "mean": lambda t: t.float().pow(2).mean(-1, keepdim=True),
         "sum": lambda t: t.sum(-1),
-        "softmax": lambda t: bi_module.fixed_order_softmax(t, -1),
-        "log_softmax": lambda t: bi_module.fixed_order_softmax(t, -1, log=True),
+        "softmax": lambda t: invariant_mode.fixed_order_softmax(t, -1),
+        "log_softmax": lambda t: invariant_mode.fixed_order_softmax(t, -1, log=True),
     }
     for name, op in ops.items():
         with margingate.batch_invariant():
@@ -317,6 +333,43 @@ def test_sdpa_model_inside_the_mode():
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(batched, run(model, ids, mask))
     default_forward(model, ids, mask)  # the guard is gone with the mode
+
+
+def test_other_attention_kernels_are_refused_inside_the_mode():
+    """Every sdpa backend (the math fallback too) and flex_attention raise inside the mode, without
+    anything patched in transformers; outside the mode they run."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.randn(1, 2, 8, 16)
+    for backend in (None, SDPBackend.MATH):
+        context = sdpa_kernel(backend) if backend is not None else torch.no_grad()
+        with context, margingate.batch_invariant(), pytest.raises(RuntimeError, match="not batch-invariant"):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex without torch.compile warns that it is unfused
+        # torch.compile (which flex_attention wraps its op in) re-raises our error as a RuntimeError.
+        with margingate.batch_invariant(), pytest.raises(RuntimeError, match="not batch-invariant"):
+            flex_attention(q, q, q)
+    assert F.scaled_dot_product_attention(q, q, q).shape == q.shape
+    assert not invariant_mode.is_enabled() and not mode_on_stack()
+
+
+def test_autograd_through_the_mode():
+    """The direct paths (F.linear, mean) step aside when autograd records: gradients flow, and the
+    forward is the same routed result as without grad."""
+    torch.manual_seed(2)
+    x, w = torch.randn(8, 64), torch.randn(50, 64, requires_grad=True)
+    with margingate.batch_invariant():
+        y = F.linear(x, w).pow(2).mean(-1)
+        y.sum().backward()
+        with torch.no_grad():
+            y_no_grad = F.linear(x, w).pow(2).mean(-1)
+    assert torch.equal(y.detach(), y_no_grad)
+    expected = torch.autograd.grad(F.linear(x, w).pow(2).mean(-1).sum(), w)[0]
+    torch.testing.assert_close(w.grad, expected)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3_text"])

@@ -5,6 +5,8 @@
                                                                                # behind the mode
     PYTHONPATH=python:. python bench/python/bench_batch_invariant.py --check    # contract on the
                                                                                # real model
+    PYTHONPATH=python:. python bench/python/bench_batch_invariant.py --overhead --threads 1 --cpu-time
+                                                                   # the mode's Python cost per step
 
 Timings: a prefill of ``--prompt`` tokens (batch 1, every position's logits, as a canonical
 prefill computes them), then one decode step at batch 1, 8 and 32 over that cached context.
@@ -16,11 +18,21 @@ shared: absolute times move between runs).
 ``--row-ops``: which row-wise aten ops give a row different bits alone than inside a batch (or a
 transposed head view) with the default kernels on this machine, and whether the mode fixes it.
 This is the measurement that decides which ops ``batch_invariant()`` re-routes.
+
+``--overhead``: one decode step of the same model (sdpa switched to nothing else) timed plain,
+under a pass-through ``TorchDispatchMode``, under a pass-through ``TorchFunctionMode``, and under
+``batch_invariant(model)``: the cost of each interception mechanism per step, the measurement
+behind the mode's design (``invariant_mode.py``). ``--baseline-module FILE`` adds a column for
+an older implementation of the mode (a ``batch_invariant()`` context in FILE, loaded as a module
+of the package, e.g. ``git show 74a67fa:python/margingate/batch_invariant.py > /tmp/old.py``),
+run with the model switched to the "margingate" attention.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import platform
 import statistics
 import time
@@ -31,7 +43,8 @@ from transformers import DynamicCache
 
 import margingate
 from bench.python.harness import measure, print_table
-from margingate.canonical import position_ids_from_mask
+from margingate import hf_attention, hf_compat
+from margingate.batching import position_ids as position_ids_from_mask
 
 
 def _measure_cpu(fns, *, repeats: int, warmup: int) -> dict[str, float]:
@@ -50,14 +63,7 @@ def _measure_cpu(fns, *, repeats: int, warmup: int) -> dict[str, float]:
 
 
 def _default_step(model, ids, mask, cache):
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask, ids.shape[1]),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return out.logits
+    return hf_compat.forward(model, ids, mask, position_ids_from_mask(mask, ids.shape[1]), cache)
 
 
 def _rewind(cache: DynamicCache, length: int) -> None:
@@ -102,7 +108,7 @@ def bench_model(args) -> None:
 
         def prefill_invariant():
             return margingate.canonical_forward(
-                model, prompt, attention_mask=prompt_mask, past_key_values=DynamicCache()
+                model, prompt, attention_mask=prompt_mask, cache=DynamicCache()
             )
 
         t = timer(
@@ -126,7 +132,7 @@ def bench_model(args) -> None:
 
             def decode_invariant(cache=caches["invariant"], token=token, mask=mask):
                 _rewind(cache, args.prompt)
-                return margingate.canonical_forward(model, token, attention_mask=mask, past_key_values=cache)
+                return margingate.canonical_forward(model, token, attention_mask=mask, cache=cache)
 
             t = timer(
                 {"default": decode_default, "invariant": decode_invariant},
@@ -153,6 +159,96 @@ def _row(phase: str, batch: int, context: int, t: dict[str, float]) -> dict[str,
         "invariant_ms": t["invariant"] * 1e3,
         "ratio": t["invariant"] / t["default"],
     }
+
+
+# --------------------------------------------------------------------------- mechanism overhead
+def _passthrough_modes():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThroughDispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **kwargs) if kwargs else func(*args)
+
+    class PassThroughFunction(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **kwargs) if kwargs else func(*args)
+
+    return PassThroughDispatch, PassThroughFunction
+
+
+def _load_baseline(path: str):
+    """An older mode implementation, imported as a submodule of margingate (relative imports work)."""
+    spec = importlib.util.spec_from_file_location("margingate._baseline_mode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if hasattr(module, "_install_attention_guard"):
+        module._install_attention_guard = lambda install: None  # it patched transformers' mapping
+    return module
+
+
+def bench_overhead(args) -> None:
+    model, _ = margingate.load_default_model(dtype=torch.bfloat16, progress=False)
+    model.eval()
+    torch.manual_seed(0)
+    prompt = torch.randint(10, model.config.vocab_size, (1, args.prompt))
+    base = DynamicCache()
+    with torch.no_grad():
+        _default_step(model, prompt, torch.ones_like(prompt), base)
+    dispatch_mode, function_mode = _passthrough_modes()
+    contexts = {
+        "default": contextlib.nullcontext,
+        "dispatch_passthrough": dispatch_mode,
+        "function_passthrough": function_mode,
+        "mode": lambda: margingate.batch_invariant(model),
+    }
+    if args.baseline_module:
+        baseline = _load_baseline(args.baseline_module)
+
+        def baseline_context():
+            stack = contextlib.ExitStack()
+            stack.enter_context(hf_attention.use_margingate_attention(model))
+            stack.enter_context(hf_attention.canonical_attention())
+            stack.enter_context(baseline.batch_invariant())
+            return stack
+
+        contexts["baseline"] = baseline_context
+    rows = []
+    for batch in args.batches:
+        token = torch.randint(10, model.config.vocab_size, (batch, 1))
+        mask = torch.ones((batch, args.prompt + 1), dtype=torch.long)
+        fns = {}
+        for name, context in contexts.items():
+            cache = _expand_cache(base, batch)
+
+            def step(cache=cache, context=context, token=token, mask=mask):
+                _rewind(cache, args.prompt)
+                with torch.no_grad(), context():
+                    return _default_step(model, token, mask, cache)
+
+            fns[name] = step
+        if "baseline" in fns:
+            # The two implementations must compute the same canonical logits.
+            assert torch.equal(fns["baseline"](), fns["mode"]()), "baseline and mode logits differ"
+        if args.cpu_time:
+            t = _measure_cpu(fns, repeats=max(args.repeats, 5), warmup=2)
+        else:
+            t = measure(fns, repeats=args.repeats, min_time_s=0.2, warmup=2)
+        for name, seconds in t.items():
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": args.prompt,
+                    "path": name,
+                    "ms": seconds * 1e3,
+                    "minus_default_ms": (seconds - t["default"]) * 1e3,
+                }
+            )
+    print(
+        f"Gemma 3 270M bf16 decode step, {'process CPU time' if args.cpu_time else 'wall time'}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, simd {margingate.build_info().get('simd')}"
+    )
+    print_table(rows, ["batch", "context", "path", "ms", "minus_default_ms"])
 
 
 # --------------------------------------------------------------------------- real-model checks
@@ -188,20 +284,19 @@ def check_real_model(args) -> None:
     ]
     cache = DynamicCache()
     parts = [
-        margingate.canonical_forward(m16, ids[:, :-3], attention_mask=mask[:, :-3], past_key_values=cache)
+        margingate.canonical_forward(m16, ids[:, :-3], attention_mask=mask[:, :-3], cache=cache)
     ]
     for j in range(width - 3, width):
         parts.append(
-            margingate.canonical_forward(
-                m16, ids[:, j : j + 1], attention_mask=mask[:, : j + 1], past_key_values=cache
-            )
+            margingate.canonical_forward(m16, ids[:, j : j + 1], attention_mask=mask[:, : j + 1], cache=cache)
         )
     decode_ok = torch.equal(torch.cat(parts, 1)[real], batched[real])
     rows = torch.tensor([2, 0])
-    verified = margingate.canonical_forward(
-        m16, ids[rows, -1:], attention_mask=mask, past_key_values=cache, rows=rows
-    )
-    rows_ok = torch.equal(verified, batched[rows, -1:])
+    # the verifier: rows 2 and 0 replayed from two positions back over the shared cache
+    from margingate.verifier import Verifier
+
+    verified = Verifier(m16, cache, len(seqs), canonical_upto=width - 2).verify_(ids, mask, rows)
+    rows_ok = torch.equal(verified, batched[rows, -1])
     with torch.no_grad():
         positions = position_ids_from_mask(mask, width)
         ref = m32(input_ids=ids, attention_mask=mask, position_ids=positions).logits[real].double()
@@ -300,6 +395,12 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="invariance + accuracy on the real model")
     parser.add_argument("--row-ops", action="store_true", help="run the row-op measurement instead")
     parser.add_argument(
+        "--overhead", action="store_true", help="per-step cost of the interception mechanisms"
+    )
+    parser.add_argument(
+        "--baseline-module", default=None, help="with --overhead: an older mode implementation (file)"
+    )
+    parser.add_argument(
         "--dims",
         type=lambda s: [int(v) for v in s.split(",")],
         default=[16, 64, 100, 640, 1000, 2048, 262144],
@@ -311,6 +412,8 @@ def main() -> None:
         check_real_model(args)
     elif args.row_ops:
         measure_row_ops(args)
+    elif args.overhead:
+        bench_overhead(args)
     else:
         bench_model(args)
 

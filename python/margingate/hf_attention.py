@@ -1,7 +1,8 @@
 """The Hugging Face attention implementation ``"margingate"``: attention through ``margingate.attention``.
 
-Load a model with ``attn_implementation="margingate"`` (or let ``canonical_forward`` switch it for
-one call) and every attention layer runs the batch- and query-invariant kernel:
+Load a model with ``attn_implementation="margingate"``, or switch one for the duration of a block
+with ``use_margingate_attention(model)`` (what ``batch_invariant(model)`` does), and every
+attention layer runs the batch- and query-invariant kernel:
 
 * left padding comes from the 2-D attention mask: our mask function (registered under the same
   name in ``ALL_MASK_ATTENTION_FUNCTIONS``) hands the attention function the padding mask itself
@@ -13,17 +14,29 @@ one call) and every attention layer runs the batch- and query-invariant kernel:
   non-causal / chunked / packed / custom mask patterns, logit soft-capping, attention sinks,
   dropout in training.
 
-A verifier call (``canonical_forward(rows=...)``) passes ``margingate_verify`` through the model's
-``**kwargs``: the attention function then patches the new K/V columns of those rows into the
-shared batch cache with ``margingate.kv_patch_`` and attends over that cache via ``kv_rows``.
+It is a plain attention: the verifier (``verifier.py``) replays flagged rows over a copy of their
+cache prefix and repairs the batch cache with ``kv_patch_`` itself.
+
+**Threads.** A model's attention implementation is a config attribute, shared by every thread
+that uses the model. ``use_margingate_attention`` sets it to ``"margingate"`` while any thread is
+inside; the registered attention and mask functions then look at the *calling* thread: inside
+``batch_invariant()`` (which enters ``canonical_attention()``) they run our kernel and 2-D padding
+mask; in any other thread they delegate to the implementation the model had before the switch,
+looked up through transformers' ``ALL_ATTENTION_FUNCTIONS`` / ``ALL_MASK_ATTENTION_FUNCTIONS``.
+A forward that another thread's switch (or restore) catches half-way stays consistent: its mask
+and every layer's attention are chosen by the same per-thread rule and the same saved name. An
+"eager" model delegates to its own modeling file's ``eager_attention_forward``. A model loaded
+with ``"margingate"`` runs our kernel in every thread.
+
+This module never imports the batch-invariant mode (the mode imports it): the thread's state is
+``canonical_attention()``, which the mode enters and leaves with itself.
 """
 
 from __future__ import annotations
 
-import contextlib
+import sys
 import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,16 +53,27 @@ _ALLOWED_MASK_PARTS = {
 }
 
 
-@dataclass
-class VerifySpec:
-    """What a verifier forward needs in each attention layer (built by ``canonical_forward``).
+# --------------------------------------------------------------------------- the calling thread
+_thread_state = threading.local()
 
-    ``cache`` is the shared batch ``DynamicCache`` holding positions ``[0, P + n)`` of all rows;
-    ``rows`` [R] the rows recomputed, ``positions`` [n] the cache positions ``P..P+n-1``."""
 
-    cache: object
-    rows: torch.Tensor
-    positions: torch.Tensor
+class _CanonicalAttention:
+    def __enter__(self) -> None:
+        _thread_state.depth = getattr(_thread_state, "depth", 0) + 1
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        _thread_state.depth -= 1
+
+
+def canonical_attention() -> _CanonicalAttention:
+    """Context manager: the calling thread runs the ``"margingate"`` kernel wherever a model's
+    attention is ``"margingate"`` (re-entrant). ``batch_invariant()`` enters it."""
+    return _CanonicalAttention()
+
+
+def canonical_attention_active() -> bool:
+    """Whether the calling thread is inside ``canonical_attention()``."""
+    return getattr(_thread_state, "depth", 0) > 0
 
 
 def _mask_parts(fn, seen=None) -> set[str]:
@@ -71,7 +95,7 @@ def _mask_parts(fn, seen=None) -> set[str]:
     return names
 
 
-def margingate_mask(
+def padding_mask(
     batch_size: int,
     q_length: int,
     kv_length: int,
@@ -81,7 +105,7 @@ def margingate_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
-    """Mask interface: returns the 2-D boolean padding mask of the ``kv_length`` keys (or None).
+    """Our mask: the 2-D boolean padding mask of the ``kv_length`` keys (or None).
 
     The kernel applies causality and the window itself, so only left padding has to reach it; the
     mask pattern is checked to be one the kernel reproduces exactly."""
@@ -118,7 +142,32 @@ def kv_start_from_mask(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
     return (kv_length - mask.sum(-1)).to(torch.int64)
 
 
-def margingate_attention_forward(
+def margingate_mask(*args, **kwargs):
+    """Mask interface registered as ``"margingate"``: our padding mask in a thread inside the mode
+    (or for a model loaded with ``"margingate"``), otherwise the mask of the implementation the
+    model was switched from."""
+    if not canonical_attention_active():
+        saved = _switched_from(kwargs.get("config"))
+        if saved is not None:
+            mask_function = ALL_MASK_ATTENTION_FUNCTIONS.get(saved.name)
+            # An implementation without a mask function gets none (transformers' own rule).
+            return mask_function(*args, **kwargs) if mask_function is not None else None
+    return padding_mask(*args, **kwargs)
+
+
+def margingate_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    """Attention interface registered as ``"margingate"``: our kernel in a thread inside the mode
+    (or for a model loaded with ``"margingate"``), otherwise the attention the model was switched
+    from, called with exactly the same arguments."""
+    if not canonical_attention_active():
+        saved = _switched_from(getattr(module, "config", None))
+        if saved is not None:
+            delegate = _attention_function(saved.name, module)
+            return delegate(module, query, key, value, attention_mask, *args, **kwargs)
+    return attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -128,10 +177,9 @@ def margingate_attention_forward(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
-    margingate_verify: VerifySpec | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention interface: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D] -> ([B, Tq, Hq, D], None)."""
+    """Our kernel: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D] -> ([B, Tq, Hq, D], None)."""
     if dropout and module.training:
         raise ValueError("margingate attention: attention dropout in training mode is not supported")
     if softcap is not None:
@@ -143,52 +191,47 @@ def margingate_attention_forward(
     if kwargs.get("position_bias") is not None:
         raise ValueError("margingate attention: an additive position bias is not supported")
 
-    kv_rows = None
-    if margingate_verify is not None:
-        key, value, kv_rows = _patch_shared_cache(module, key, value, margingate_verify)
-
     kv_start = None
     if attention_mask is not None:
         kv_start = kv_start_from_mask(attention_mask, key.shape[2]).to(query.device)
     window = int(sliding_window) if sliding_window is not None and sliding_window > 0 else None
     scale = float(scaling) if scaling is not None else None
     out = torch.ops.margingate.attention.default(
-        query, key, value, kv_start, kv_rows, causal=True, scale=scale, window=window
+        query, key, value, kv_start, None, causal=True, scale=scale, window=window
     )
     return out.transpose(1, 2).contiguous(), None
 
 
-def _patch_shared_cache(module, key: torch.Tensor, value: torch.Tensor, spec: VerifySpec):
-    """Writes the verifier's new K/V columns (rows R, positions P..P+n-1) into the shared cache in
-    place (the MarginGate repair) and returns the whole shared cache layer to attend over."""
-    layer_idx = getattr(module, "layer_idx", None)
-    if layer_idx is None:
-        raise ValueError(
-            "margingate attention: the attention module has no layer_idx; cannot find its cache layer"
-        )
-    layer = spec.cache.layers[layer_idx]
-    k_cache, v_cache = layer.keys, layer.values
-    rows, positions = spec.rows, spec.positions
-    n_rows, n_new = rows.shape[0], positions.shape[0]
-    if key.shape[0] != n_rows or key.shape[2] != n_new:
-        raise ValueError(
-            f"margingate attention: verifier K/V are {tuple(key.shape)}, expected [{n_rows}, H, {n_new}, D]"
-        )
-    # kv_patch_ takes one (row, position) pair per column: flatten rows x positions.
-    flat_rows = rows.repeat_interleave(n_new)
-    flat_pos = positions.repeat(n_rows)
-    k_new = key.transpose(1, 2).reshape(n_rows * n_new, key.shape[1], key.shape[3])
-    v_new = value.transpose(1, 2).reshape(n_rows * n_new, value.shape[1], value.shape[3])
-    torch.ops.margingate.kv_patch_.default(k_cache, v_cache, flat_rows, flat_pos, k_new, v_new)
-    # Attend over [0, P + n): the cache may hold more columns than this verify step reads.
-    end = int(positions[-1]) + 1
-    return k_cache[:, :, :end], v_cache[:, :, :end], rows
-
-
 # --------------------------------------------------------------------------- switching a model
+@dataclass
+class _Saved:
+    """A config's attention implementation before the switch. Kept after the restore, so that a
+    forward that looked up "margingate" just before it still finds where to delegate."""
+
+    config: weakref.ref
+    name: str | None
+    active: bool
+
+
 _switch_lock = threading.Lock()
 _switch_depth: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _model_configs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(config) -> _Saved (configs define __eq__ without __hash__: keyed by identity, checked by ref).
+_saved: dict[int, _Saved] = {}
+
+
+def _switched_from(config) -> _Saved | None:
+    """The saved implementation to delegate to, or None: run our kernel."""
+    if config is None:
+        return None
+    saved = _saved.get(id(config))
+    if saved is None or saved.config() is not config:
+        return None
+    # After the restore, only a forward caught half-way still reaches us through the saved name;
+    # a config set to "margingate" since then (by its owner) is a margingate model.
+    if not saved.active and _attn_implementation(config) == NAME:
+        return None
+    return saved
 
 
 def _configs_of(model: torch.nn.Module) -> list:
@@ -204,75 +247,76 @@ def _configs_of(model: torch.nn.Module) -> list:
     return configs
 
 
-@contextlib.contextmanager
-def use_margingate_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Switches every attention layer of ``model`` to the ``"margingate"`` implementation for the
-    duration (re-entrant, also across threads calling it on the same model; restored when the last
-    caller leaves). A model loaded with ``attn_implementation="margingate"`` is left as it is."""
-    configs = _configs_of(model)
-    with _switch_lock:
-        depth, saved = _switch_depth.get(model, (0, None))
-        if depth == 0:
-            saved = [c._attn_implementation_internal for c in configs]
-            for c in configs:
-                c._attn_implementation_internal = NAME
-        _switch_depth[model] = (depth + 1, saved)
-    try:
-        yield
-    finally:
+class _UseMargingateAttention:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+
+    def __enter__(self) -> None:
+        model = self._model
+        configs = _configs_of(model)
         with _switch_lock:
-            depth, saved = _switch_depth[model]
-            if depth == 1:
-                for c, value in zip(configs, saved, strict=True):
-                    c._attn_implementation_internal = value
-                del _switch_depth[model]
-            else:
-                _switch_depth[model] = (depth - 1, saved)
+            depth = _switch_depth.get(model, 0)
+            if depth == 0:
+                for config in configs:
+                    name = _attn_implementation(config)
+                    if name == NAME:
+                        _saved.pop(id(config), None)  # loaded with "margingate": nothing to restore
+                        continue
+                    # Saved before the name changes: a thread that sees "margingate" finds it.
+                    _saved[id(config)] = _Saved(weakref.ref(config), name, True)
+                    _set_attn_implementation(config, NAME)
+            _switch_depth[model] = depth + 1
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        model = self._model
+        with _switch_lock:
+            depth = _switch_depth[model] - 1
+            if depth:
+                _switch_depth[model] = depth
+                return
+            del _switch_depth[model]
+            for config in _configs_of(model):
+                saved = _saved.get(id(config))
+                if saved is not None and saved.config() is config and saved.active:
+                    _set_attn_implementation(config, saved.name)
+                    saved.active = False
 
 
-# --------------------------------------------------------------------------- the guard
-# Attention implementations that are not batch-invariant and that a model can be switched away
-# from. While batch_invariant() is registered they raise in the threads inside the mode instead
-# of silently giving batch-dependent logits. ("eager" is each model's own function, not in the
-# global mapping, so it cannot be guarded here.)
-_GUARDED = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
-_unguarded: dict[str, object] = {}
+def use_margingate_attention(model: torch.nn.Module) -> _UseMargingateAttention:
+    """Context manager: every attention layer of ``model`` names the ``"margingate"``
+    implementation for the duration (re-entrant, also across threads calling it on the same model;
+    restored when the last caller leaves, on every exit path). Threads outside
+    ``batch_invariant()`` keep running the model's previous implementation (module docstring).
+    A model loaded with ``attn_implementation="margingate"`` is left as it is."""
+    return _UseMargingateAttention(model)
 
 
-def _guarded(name: str, function):
-    def guarded(module, *args, **kwargs):
-        from .invariant_mode import is_enabled
-
-        if is_enabled():
-            raise RuntimeError(
-                f"margingate.batch_invariant: this model runs attn_implementation={name!r}, which is not "
-                "batch-invariant; use `with margingate.batch_invariant(model):` (switches the model to the "
-                "'margingate' attention), margingate.canonical_forward, or load it with "
-                "attn_implementation='margingate'"
-            )
-        return function(module, *args, **kwargs)
-
-    return guarded
+# --------------------------------------------------------------------------- transformers internals
+# The one place that reaches past transformers' public API:
+# * a config's attention implementation is the attribute ``_attn_implementation_internal``
+#   (``model.set_attn_implementation`` validates, logs and recurses into sub-models on every call,
+#   and a switch must be a plain attribute write to be cheap and undone exactly);
+# * "eager" is not in ``ALL_ATTENTION_FUNCTIONS``: each modeling file defines its own
+#   ``eager_attention_forward`` and passes it as ``get_interface``'s default. We take that function
+#   from the attention module's file, and fall back to sdpa only for a file without one.
+def _attn_implementation(config) -> str | None:
+    return config._attn_implementation_internal
 
 
-def install_guard() -> None:
-    """Called by batch_invariant() when it registers its kernels."""
-    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
-    for name in _GUARDED:
-        if name in mapping and name not in _unguarded:
-            _unguarded[name] = mapping[name]
-            mapping[name] = _guarded(name, mapping[name])
+def _set_attn_implementation(config, name: str | None) -> None:
+    config._attn_implementation_internal = name
 
 
-def remove_guard() -> None:
-    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
-    for name, function in _unguarded.items():
-        mapping[name] = function
-    _unguarded.clear()
+def _attention_function(name: str | None, module: torch.nn.Module):
+    if name in (None, "eager"):
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        return eager if eager is not None else ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, ALL_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def register() -> None:
-    """Registers ``"margingate"`` as a Hugging Face attention implementation and mask function."""
+    """Registers ``"margingate"`` as a Hugging Face attention implementation and mask function
+    (once, at import: the registered functions choose per thread, nothing is patched later)."""
     ALL_ATTENTION_FUNCTIONS.register(NAME, margingate_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, margingate_mask)
 

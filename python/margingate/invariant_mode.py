@@ -4,9 +4,9 @@ Inside ``with margingate.batch_invariant():`` the result for one row of a batch 
 row alone, bit for bit, whatever the batch size, the row's position and the amount of padding.
 Three kinds of aten ops break that on the default path, and only those are re-routed:
 
-* **matmuls** (``aten::mm``, ``aten::addmm``, ``aten::bmm``; ``linear`` and ``matmul`` decompose
-  into these): MKL / oneDNN / cuBLAS pick the tiling and the K-split from the batch shape. They go
-  to ``margingate.linear``, whose per-element K-reduction order is fixed forever.
+* **matmuls** (``aten::mm``, ``aten::addmm``, ``aten::bmm``; ``linear``, ``matmul`` and ``einsum``
+  decompose into these): MKL / oneDNN / cuBLAS pick the tiling and the K-split from the batch
+  shape. They go to ``margingate.linear``, whose per-element K-reduction order is fixed forever.
 * **row reductions** (``aten::mean.dim``, ``aten::sum.dim_IntList`` over the last dim, as RMSNorm
   uses them): measured on this CPU (AMD EPYC, 2 threads, torch 2.13), a row's mean / sum is
   batch-invariant for rows up to 32768 elements but NOT for long rows (262144: it varies with the
@@ -29,32 +29,44 @@ The measurement is reproducible: ``bench/python/bench_batch_invariant.py --row-o
 ``bench/README.md``).
 
 Attention is the Hugging Face attention implementation ``"margingate"`` (``hf_attention.py``):
-``batch_invariant(model)`` switches ``model`` to it for the duration; without a model, an
-sdpa / flash / flex attention raises inside the mode instead of giving batch-dependent logits.
+``batch_invariant(model)`` switches ``model`` to it for the duration. Any other attention kernel
+raises inside the mode instead of giving batch-dependent logits: the mode refuses the aten
+scaled-dot-product-attention ops (every sdpa backend, including the math fallback's
+``_safe_softmax``), flash-attention custom ops and the ``flex_attention`` higher-order op. An
+"eager" attention (plain matmuls and a softmax, routed like any other op) is not refused; it is
+batch-invariant only without left padding, since a padded row reduces over more keys.
 
-Mechanism: one ``torch.library.Library("aten", "IMPL")`` registers Python kernels for the CPU and
-CUDA dispatch keys while at least one thread is inside the context; the last thread to leave
-destroys it, which restores the original kernels. The kernels check a thread-local depth: a thread
-that is not inside the context (or a nested region that ran on another thread) gets the vendor
-kernel through the op's ``.out`` overload, which is not overridden. The context is re-entrant and
-restores everything on exceptions.
+Mechanism: two torch modes pushed on the calling thread's mode stacks, which torch keeps per
+thread, so other threads never see them and nothing is registered or patched process-wide.
+``BatchInvariantMode`` (a ``TorchDispatchMode``) does the routing above at the aten level, where it
+also sees the ops that composites (``linear``, ``matmul``, ``einsum``, ``rms_norm``...) call from
+C++. Left alone on the stack it costs one Python call per aten op of the model (measured: +40 % of
+a Gemma 3 270M decode step). So a ``TorchFunctionMode`` stands in front of it: torch functions
+known to reach no routed op (views, elementwise arithmetic, conversions: ``_LEAF_*`` below) run
+directly, ``F.linear`` and ``mean`` go straight to the same fixed kernels, and every other function
+runs with the dispatch mode pushed for the duration of the call, so its aten ops are routed exactly
+as if the dispatch mode were on all along. (Measured in ``bench/README.md``: the pair costs about
+what the old process-wide aten registration did.) A call that bypasses ``__torch_function__``
+(code under ``torch._C.DisableTorchFunction``) is not routed.
+
+The context is re-entrant (a nested entry only counts), and every exit path, ``KeyboardInterrupt``
+included, pops the modes and restores the model in ``__exit__``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from collections.abc import Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The flex_attention higher-order op (torch registers it on import of torch.nn.attention.flex_attention).
+_FLEX_ATTENTION = getattr(torch.ops.higher_order, "flex_attention", None)
 
 _thread_state = threading.local()
-_registration_lock = threading.Lock()
-_active_threads = 0
-_library: torch.library.Library | None = None
 
 
 def is_enabled() -> bool:
@@ -62,61 +74,141 @@ def is_enabled() -> bool:
     return getattr(_thread_state, "depth", 0) > 0
 
 
-@contextlib.contextmanager
-def batch_invariant(model: torch.nn.Module | None = None) -> Iterator[None]:
+class _BatchInvariant:
+    """The context manager ``batch_invariant()`` returns (one instance may be entered again while
+    it is active: every entry is undone by the matching exit)."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self._model = model
+        self._switches: list[object] = []
+
+    def __enter__(self) -> None:
+        switch = None
+        if self._model is not None:
+            from .hf_attention import use_margingate_attention  # needs transformers: only with a model
+
+            switch = use_margingate_attention(self._model)
+            switch.__enter__()
+        try:
+            _enter_thread()
+        except BaseException:
+            if switch is not None:
+                switch.__exit__(None, None, None)
+            raise
+        self._switches.append(switch)
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        switch = self._switches.pop()
+        try:
+            _leave_thread()
+        finally:
+            if switch is not None:
+                switch.__exit__(None, None, None)
+
+
+def batch_invariant(model: torch.nn.Module | None = None) -> _BatchInvariant:
     """Route matmuls, batch-sensitive row reductions and activations through row-invariant
-    kernels for the calling thread (see the module docstring). Re-entrant; restores the original
-    kernels when the last thread leaves, also on exceptions.
+    kernels for the calling thread (see the module docstring). Re-entrant; restores everything
+    on every exit path, exceptions and ``KeyboardInterrupt`` included.
 
     With ``model`` (a Hugging Face model), its attention layers are switched to the
-    ``"margingate"`` implementation for the duration as well. Without it, a model whose attention
-    is sdpa / flash / flex raises inside the mode rather than give batch-dependent logits."""
-    if model is not None:
-        from .hf_attention import use_margingate_attention
+    ``"margingate"`` implementation for the duration as well (other threads using the model
+    outside the mode keep its own implementation, see ``hf_attention``). Without it, a model
+    whose attention is sdpa / flash / flex raises inside the mode rather than give
+    batch-dependent logits."""
+    return _BatchInvariant(model)
 
-        with use_margingate_attention(model), batch_invariant():
-            yield
-        return
+
+def _enter_thread() -> None:
     depth = getattr(_thread_state, "depth", 0)
     if depth == 0:
-        _acquire()
+        function_filter = _FunctionFilter(BatchInvariantMode())
+        function_filter.__enter__()
+        try:
+            attention = _canonical_attention()
+            if attention is not None:
+                attention.__enter__()
+        except BaseException:
+            function_filter.__exit__(None, None, None)
+            raise
+        _thread_state.entered = (function_filter, attention)
     _thread_state.depth = depth + 1
-    try:
-        yield
-    finally:
-        _thread_state.depth = depth
-        if depth == 0:
-            _release()
 
 
-def _acquire() -> None:
-    global _active_threads, _library
-    with _registration_lock:
-        if _active_threads == 0:
-            _library = _register()
-            _install_attention_guard(True)
-        _active_threads += 1
+def _leave_thread() -> None:
+    depth = _thread_state.depth - 1
+    _thread_state.depth = depth
+    if depth == 0:
+        (function_filter, attention), _thread_state.entered = _thread_state.entered, None
+        try:
+            if attention is not None:
+                attention.__exit__(None, None, None)
+        finally:
+            function_filter.__exit__(None, None, None)
 
 
-def _release() -> None:
-    global _active_threads, _library
-    with _registration_lock:
-        _active_threads -= 1
-        if _active_threads == 0 and _library is not None:
-            _library._destroy()
-            _library = None
-            _install_attention_guard(False)
-
-
-def _install_attention_guard(install: bool) -> None:
+def _canonical_attention():
+    """hf_attention's per-thread switch (its "margingate" attention runs our kernel only in threads
+    inside the mode), or None without transformers."""
     try:
         from . import hf_attention
-    except ImportError:  # transformers not installed: no HF attention to guard
-        return
-    if install:
-        hf_attention.install_guard()
-    else:
-        hf_attention.remove_guard()
+    except ModuleNotFoundError as error:
+        if error.name != "transformers" and not str(error.name).startswith("transformers."):
+            raise
+        return None
+    return hf_attention.canonical_attention()
+
+
+class BatchInvariantMode(TorchDispatchMode):
+    """The dispatch mode behind ``batch_invariant()``: routes the ops of ``_ROUTES`` and refuses
+    attention kernels that are not batch-invariant; every other op runs unchanged."""
+
+    # flex_attention is a higher-order op: it reaches __torch_dispatch__ (and raises) only with this.
+    supports_higher_order_operators = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        try:
+            handler = _handlers[func]
+        except KeyError:
+            handler = _handlers[func] = _handler_for(func)
+        if handler is None:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        return handler(func, *args, **(kwargs or {}))
+
+
+class _FunctionFilter(TorchFunctionMode):
+    """The cheap first stage: a function-level mode that lets through the torch functions known to
+    reach no routed or refused aten op (views, elementwise arithmetic, conversions), sends
+    ``F.linear`` straight to ``margingate.linear``, and runs every other function with
+    ``BatchInvariantMode`` pushed, so that the aten ops it reaches, also from C++ composites, are
+    routed exactly as if the dispatch mode were on for the whole block. (A dispatch mode alone
+    costs one Python call per aten op of the model: see the module docstring.)"""
+
+    def __init__(self, dispatch_mode: BatchInvariantMode) -> None:
+        super().__init__()
+        self._dispatch_mode = dispatch_mode
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is _FLEX_ATTENTION:
+            # flex_attention wraps its op in torch.compile, which traces this method: refuse here,
+            # before torch.compile fails on the mode's stack edits with a less helpful message.
+            _refuse_attention(func)
+        kind = _function_kinds.get(func)
+        if kind is None and isinstance(func, torch._ops.OpOverload) and func.namespace == "margingate":
+            kind = _function_kinds[func] = _LEAF  # our own kernels
+        if kind is _LEAF:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if kind is not None:
+            out = kind(*args, **(kwargs or {}))
+            if out is not None:
+                return out
+        # torch's own mode push / pop (TorchDispatchMode.__enter__ also toggles process-wide
+        # Python flags, which threads would race on); the stack it edits is this thread's.
+        _push_mode(self._dispatch_mode)
+        try:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        finally:
+            _pop_mode()
 
 
 # --------------------------------------------------------------------------- matmuls
@@ -124,10 +216,13 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return torch.ops.margingate.linear.default(x, weight, bias)
 
 
-def _check_float(op: str, *tensors: torch.Tensor) -> bool:
-    """True: route through margingate.linear. False: integer / bool, exact on any kernel."""
+def _routes_float(op: str, *tensors: torch.Tensor) -> bool:
+    """True: a float CPU / CUDA op, route it. False: integer / bool (exact on any kernel) or another
+    device: run the vendor kernel."""
     dtype = tensors[0].dtype
     if not dtype.is_floating_point and not dtype.is_complex:
+        return False
+    if tensors[0].device.type not in ("cpu", "cuda"):
         return False
     for t in tensors:
         if t.dtype not in _FLOAT_TYPES:
@@ -142,16 +237,15 @@ def _check_float(op: str, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if not is_enabled() or not _check_float("mm", a, b):
-        return torch.ops.aten.mm.out(a, b, out=a.new_empty((a.shape[0], b.shape[1])))
+def _mm(func, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if not _routes_float("mm", a, b):
+        return func(a, b)
     return _linear(a, b.t())
 
 
-def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
-    if not is_enabled() or not _check_float("addmm", bias, a, b):
-        out = a.new_empty((a.shape[0], b.shape[1]))
-        return torch.ops.aten.addmm.out(bias, a, b, beta=beta, alpha=alpha, out=out)
+def _addmm(func, bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
+    if not _routes_float("addmm", bias, a, b):
+        return func(bias, a, b, beta=beta, alpha=alpha)
     if beta == 1 and alpha == 1 and bias.dim() == 1 and bias.shape[0] == b.shape[1]:
         return _linear(a, b.t(), bias)
     # Any other bias is elementwise per output row: still row-invariant.
@@ -161,9 +255,9 @@ def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alph
     return product + (bias if beta == 1 else bias * beta) if beta != 0 else product
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if not is_enabled() or not _check_float("bmm", a, b):
-        return torch.ops.aten.bmm.out(a, b, out=a.new_empty((a.shape[0], a.shape[1], b.shape[2])))
+def _bmm(func, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if not _routes_float("bmm", a, b):
+        return func(a, b)
     if a.shape[2] == 1:
         # K == 1 (the rotary embedding's outer product): one exactly rounded product per element,
         # the same on every kernel.
@@ -179,7 +273,7 @@ def _reduces_last_dim_only(x: torch.Tensor, dim) -> bool:
     if dim is None or x.dim() == 0:
         return False
     dims = [dim] if isinstance(dim, int) else list(dim)
-    return len(dims) == 1 and dims[0] % x.dim() == x.dim() - 1
+    return len(dims) == 1 and isinstance(dims[0], int) and dims[0] % x.dim() == x.dim() - 1
 
 
 _ones_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -204,36 +298,25 @@ def fixed_order_sum(x: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
     return total if keepdim else total.squeeze(-1)
 
 
-def _mean_dim(x: torch.Tensor, dim, keepdim: bool = False, *, dtype=None) -> torch.Tensor:
-    if (
-        is_enabled()
-        and x.dtype in _FLOAT_TYPES
+def _routes_reduction(x: torch.Tensor, dim, dtype) -> bool:
+    return (
+        x.dtype in _FLOAT_TYPES
+        and x.device.type in ("cpu", "cuda")
         and _reduces_last_dim_only(x, dim)
         and dtype in (None, x.dtype, torch.float32)
-    ):
-        out_dtype = dtype or x.dtype
-        return (fixed_order_sum(x, keepdim=keepdim) / x.shape[-1]).to(out_dtype)
-    out = _reduction_out_like(x, dim, keepdim, dtype)
-    return torch.ops.aten.mean.out(x, dim, keepdim, dtype=dtype, out=out)
+    )
 
 
-def _sum_dim(x: torch.Tensor, dim, keepdim: bool = False, *, dtype=None) -> torch.Tensor:
-    if (
-        is_enabled()
-        and x.dtype in _FLOAT_TYPES
-        and _reduces_last_dim_only(x, dim)
-        and dtype in (None, x.dtype, torch.float32)
-    ):
-        return fixed_order_sum(x, keepdim=keepdim).to(dtype or x.dtype)
-    out = _reduction_out_like(x, dim, keepdim, dtype)
-    return torch.ops.aten.sum.IntList_out(x, dim, keepdim, dtype=dtype, out=out)
+def _mean_dim(func, x: torch.Tensor, dim, keepdim: bool = False, *, dtype=None) -> torch.Tensor:
+    if not _routes_reduction(x, dim, dtype):
+        return func(x, dim, keepdim, dtype=dtype)
+    return (fixed_order_sum(x, keepdim=keepdim) / x.shape[-1]).to(dtype or x.dtype)
 
 
-def _reduction_out_like(x: torch.Tensor, dim, keepdim: bool, dtype) -> torch.Tensor:
-    if dtype is None:
-        dtype = torch.int64 if (not x.dtype.is_floating_point and not x.dtype.is_complex) else x.dtype
-    # Let aten.out resize the output: an empty tensor of the right dtype is enough.
-    return x.new_empty((0,), dtype=dtype)
+def _sum_dim(func, x: torch.Tensor, dim, keepdim: bool = False, *, dtype=None) -> torch.Tensor:
+    if not _routes_reduction(x, dim, dtype):
+        return func(x, dim, keepdim, dtype=dtype)
+    return fixed_order_sum(x, keepdim=keepdim).to(dtype or x.dtype)
 
 
 def fixed_order_softmax(x: torch.Tensor, dim: int, *, log: bool = False) -> torch.Tensor:
@@ -246,18 +329,17 @@ def fixed_order_softmax(x: torch.Tensor, dim: int, *, log: bool = False) -> torc
     return out.movedim(-1, dim)
 
 
-def _softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
-    out_dtype = torch.float32 if half_to_float else x.dtype
-    if is_enabled() and x.dtype in _FLOAT_TYPES:
-        return fixed_order_softmax(x, dim).to(out_dtype)
-    return torch.ops.aten._softmax.out(x, dim, half_to_float, out=x.new_empty((0,), dtype=out_dtype))
+def _softmax(func, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    # CUDA only: on CPU the vendor softmax was measured invariant (module docstring).
+    if x.device.type != "cuda" or x.dtype not in _FLOAT_TYPES:
+        return func(x, dim, half_to_float)
+    return fixed_order_softmax(x, dim).to(torch.float32 if half_to_float else x.dtype)
 
 
-def _log_softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
-    out_dtype = torch.float32 if half_to_float else x.dtype
-    if is_enabled() and x.dtype in _FLOAT_TYPES:
-        return fixed_order_softmax(x, dim, log=True).to(out_dtype)
-    return torch.ops.aten._log_softmax.out(x, dim, half_to_float, out=x.new_empty((0,), dtype=out_dtype))
+def _log_softmax(func, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    if x.device.type != "cuda" or x.dtype not in _FLOAT_TYPES:
+        return func(x, dim, half_to_float)
+    return fixed_order_softmax(x, dim, log=True).to(torch.float32 if half_to_float else x.dtype)
 
 
 # --------------------------------------------------------------------------- activations
@@ -284,41 +366,164 @@ def fixed_silu(x: torch.Tensor) -> torch.Tensor:
     return torch.div(xf, xf.neg().exp_().add_(1.0)).to(x.dtype)
 
 
-def _gelu(x: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
-    if is_enabled() and x.dtype in _FLOAT_TYPES:
-        return fixed_gelu(x, approximate)
-    return torch.ops.aten.gelu.out(x, approximate=approximate, out=torch.empty_like(x))
+def _gelu(func, x: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
+    # CPU only: CUDA's elementwise kernels have no scalar tail.
+    if x.device.type != "cpu" or x.dtype not in _FLOAT_TYPES:
+        return func(x, approximate=approximate)
+    return fixed_gelu(x, approximate)
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    if is_enabled() and x.dtype in _FLOAT_TYPES:
-        return fixed_silu(x)
-    return torch.ops.aten.silu.out(x, out=torch.empty_like(x))
+def _silu(func, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cpu" or x.dtype not in _FLOAT_TYPES:
+        return func(x)
+    return fixed_silu(x)
 
 
-# --------------------------------------------------------------------------- registration
-# (aten op, kernel, dispatch keys). Softmax stays on the vendor kernel on CPU: measured invariant.
-_OVERRIDES = (
-    ("mm", _mm, ("CPU", "CUDA")),
-    ("addmm", _addmm, ("CPU", "CUDA")),
-    ("bmm", _bmm, ("CPU", "CUDA")),
-    ("mean.dim", _mean_dim, ("CPU", "CUDA")),
-    ("sum.dim_IntList", _sum_dim, ("CPU", "CUDA")),
-    ("_softmax", _softmax, ("CUDA",)),
-    ("_log_softmax", _log_softmax, ("CUDA",)),
-    ("gelu", _gelu, ("CPU",)),
-    ("silu", _silu, ("CPU",)),
+# --------------------------------------------------------------------------- attention guard
+# Every aten entry of scaled_dot_product_attention's backends (the math fallback decomposes into
+# matmuls and the attention-only _safe_softmax), and the fused-attention kernels they call.
+_REFUSED_ATTENTION = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+    "_safe_softmax",
 )
 
 
-def _register() -> torch.library.Library:
-    import warnings
+def _refuse_attention(func, *args, **kwargs):
+    raise RuntimeError(
+        f"margingate.batch_invariant: an attention kernel that is not batch-invariant ran inside the mode "
+        f"({func}: the model's attn_implementation is sdpa, flash or flex); use "
+        "`with margingate.batch_invariant(model):` (switches the model to the 'margingate' attention), "
+        "margingate.canonical_forward, or load it with attn_implementation='margingate'"
+    )
 
-    library = torch.library.Library("aten", "IMPL")
-    with warnings.catch_warnings():
-        # Overriding a kernel is the point; torch warns once per (op, key).
-        warnings.simplefilter("ignore")
-        for op, kernel, keys in _OVERRIDES:
-            for key in keys:
-                library.impl(op, kernel, key)
-    return library
+
+# --------------------------------------------------------------------------- the routing table
+_ROUTES = {
+    torch.ops.aten.mm.default: _mm,
+    torch.ops.aten.addmm.default: _addmm,
+    torch.ops.aten.bmm.default: _bmm,
+    torch.ops.aten.mean.dim: _mean_dim,
+    torch.ops.aten.sum.dim_IntList: _sum_dim,
+    torch.ops.aten._softmax.default: _softmax,
+    torch.ops.aten._log_softmax.default: _log_softmax,
+    torch.ops.aten.gelu.default: _gelu,
+    torch.ops.aten.silu.default: _silu,
+}
+
+
+def _handler_for(func):
+    """The handler of an op the mode has not seen yet (None: run it unchanged)."""
+    if func in _ROUTES:
+        return _ROUTES[func]
+    name = getattr(func, "__name__", "")
+    namespace = getattr(func, "namespace", "")
+    if isinstance(func, torch._ops.HigherOrderOperator):
+        return _refuse_attention if "flex_attention" in name else _run_higher_order
+    if namespace == "aten" and func.overloadpacket.__name__ in _REFUSED_ATTENTION:
+        return _refuse_attention
+    # flash-attn's own ops (flash_attn::*, flash_attn_3::*) and the Hub kernels' (_flash_attn_<hash>::*).
+    if "flash_attn" in namespace:
+        return _refuse_attention
+    return None
+
+
+def _run_higher_order(func, *args, **kwargs):
+    return func(*args, **kwargs)
+
+
+# Handlers by op, filled on first sight (a dict lookup per op afterwards; racing fills agree).
+_handlers: dict[object, object] = dict(_ROUTES)
+
+
+# --------------------------------------------------------------------------- the function filter
+_LEAF = "leaf"
+
+# Tensor methods and torch functions that are one aten op (or a view) none of which is routed or
+# refused above, whatever their arguments: they run without the dispatch stage. Anything not listed
+# (sum, mean, softmax, matmul, einsum, norms, losses, attention, ...) takes the exact aten path.
+# fmt: off
+_LEAF_TENSOR_METHODS = [
+    "__getitem__", "__setitem__", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
+    "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__neg__",
+    "__pow__", "__rpow__", "__and__", "__or__", "__xor__", "__invert__", "__eq__", "__ne__", "__lt__",
+    "__le__", "__gt__", "__ge__", "__bool__", "__len__", "__index__", "__int__", "__float__", "add",
+    "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "neg_", "pow", "pow_", "rsqrt", "rsqrt_",
+    "sqrt", "sqrt_", "exp", "exp_", "tanh", "tanh_", "cos", "sin", "abs", "clamp", "clamp_", "float",
+    "half", "bfloat16", "double", "long", "int", "bool", "to", "type", "type_as", "view", "view_as",
+    "reshape", "reshape_as", "transpose", "transpose_", "permute", "unsqueeze", "unsqueeze_", "squeeze",
+    "squeeze_", "contiguous", "clone", "detach", "expand", "expand_as", "flatten", "narrow", "select",
+    "split", "chunk", "index_select", "gather", "masked_fill", "masked_fill_", "copy_", "fill_", "zero_",
+    "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "repeat", "flip", "dim", "size",
+    "numel", "stride", "is_contiguous", "item", "tolist", "any", "all", "data_ptr", "element_size",
+    "is_floating_point",
+]
+_LEAF_TORCH_FUNCTIONS = [
+    "cat", "stack", "rsqrt", "sqrt", "exp", "tanh", "cos", "sin", "neg", "tensor", "as_tensor", "arange",
+    "ones", "zeros", "empty", "full", "ones_like", "zeros_like", "empty_like", "full_like", "where",
+    "clamp",
+]
+# fmt: on
+
+
+def _needs_autograd(*tensors) -> bool:
+    """The direct paths call margingate ops, which have no derivative: with autograd recording,
+    take the aten path (routed below autograd, so linear's / mean's own backward applies)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _direct_mean(x, dim=None, keepdim=False, *, dtype=None, out=None):
+    """``mean`` over the last dim as ``aten::mean.dim``'s handler computes it (None: any other
+    form, take the aten path)."""
+    if (
+        out is not None
+        or not isinstance(x, torch.Tensor)
+        or _needs_autograd(x)
+        or not _routes_reduction(x, dim, dtype)
+    ):
+        return None
+    return (fixed_order_sum(x, keepdim=keepdim) / x.shape[-1]).to(dtype or x.dtype)
+
+
+def _direct_linear(x, weight, bias=None):
+    """``F.linear`` as one ``margingate.linear`` call (None: not a case it covers, take the aten
+    path). Same bits as the aten route (addmm / mm -> margingate.linear: a row's result depends on
+    the row alone, however the rows are folded), except that the bias is always fused: aten adds it
+    separately for a non-contiguous 3-D input, which could make a row's bits depend on its batch's
+    layout."""
+    dtype = x.dtype
+    if (
+        _needs_autograd(x, weight, bias)
+        or dtype not in _FLOAT_TYPES
+        or weight.dtype != dtype
+        or weight.dim() != 2
+        or x.dim() < 2
+        or x.device.type not in ("cpu", "cuda")
+        or (bias is not None and (bias.dtype != dtype or bias.dim() != 1))
+    ):
+        return None
+    return _linear(x, weight, bias)
+
+
+def _function_kinds_table() -> dict[object, str]:
+    kinds: dict[object, str] = {}
+    for name in _LEAF_TENSOR_METHODS:
+        kinds[getattr(torch.Tensor, name)] = _LEAF
+    for name in _LEAF_TORCH_FUNCTIONS:
+        kinds[getattr(torch, name)] = _LEAF
+    # Attribute reads (shape, dtype, device, T, ...) reach __torch_function__ as getters.
+    for name in dir(torch._C.TensorBase):
+        attribute = getattr(torch._C.TensorBase, name, None)
+        if type(attribute).__name__ == "getset_descriptor":
+            kinds[attribute.__get__] = _LEAF
+    kinds[torch._C._nn.linear] = _direct_linear
+    kinds[torch.Tensor.mean] = kinds[torch.mean] = _direct_mean
+    return kinds
+
+
+_function_kinds = _function_kinds_table()
