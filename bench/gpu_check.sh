@@ -118,7 +118,7 @@ fi
 # process (its parametrizations share it) under a timeout; several processes share the GPU.
 run_group() {  # $1 = test function name
   local name=$1 rc
-  if [ "$(left)" -lt 150 ]; then
+  if [ "$(left)" -lt 120 ]; then  # keep two minutes for the benchmark
     echo "$name SKIPPED(budget)" >>"$OUT/tests/status.txt"
     return 0
   fi
