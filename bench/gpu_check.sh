@@ -164,6 +164,10 @@ EOF
   sed 's/^/    /' "$OUT/tests/status.txt" >>"$OUT/summary.txt"
   if grep -qv ' PASS ' "$OUT/tests/status.txt"; then
     status=1
+    grep -v ' PASS ' "$OUT/tests/status.txt" | while read -r name _; do  # the end of each failure's log
+      echo "  --- tail of tests/$name.log" >>"$OUT/summary.txt"
+      tail -n 15 "$OUT/tests/$name.log" 2>/dev/null | cut -c1-300 | sed 's/^/    /' >>"$OUT/summary.txt"
+    done
   fi
   log "tests: $(grep -c ' PASS ' "$OUT/tests/status.txt") of $(wc -l <"$OUT/tests/status.txt") functions passed"
 fi
