@@ -40,9 +40,14 @@ void kv_patch_cuda(const at::Tensor& k_cache,    // [B, H_kv, T, D], written in 
   check_status(::margingate::cuda::kv_patch_validate(kc, vc, rows_host.data_ptr<int64_t>(),
                                                      positions_host.data_ptr<int64_t>(), rows_host.size(0), kn, vn));
   if (rows_host.size(0) == 0) return;
-  // Device copies for the kernel: the caller's tensors when they already are int64 on the device.
-  const at::Tensor rows_dev = as_int64_index(rows, "kv_patch_", "rows").to(k_cache.device());
-  const at::Tensor positions_dev = as_int64_index(positions, "kv_patch_", "positions").to(k_cache.device());
+  // Device copies for the kernel: the caller's tensors when they already are int64 on the device,
+  // else the checked host copies through pinned memory (asynchronous: no wait for the stream).
+  auto on_device = [&](const at::Tensor& t, const at::Tensor& host) {
+    if (t.device() == k_cache.device() && t.scalar_type() == at::kLong && t.is_contiguous()) return t;
+    return host.pin_memory().to(k_cache.device(), at::kLong, /*non_blocking=*/true);
+  };
+  const at::Tensor rows_dev = on_device(rows, rows_host);
+  const at::Tensor positions_dev = on_device(positions, positions_host);
   C10_CUDA_CHECK(::margingate::cuda::kv_patch(dtype, kc, vc, rows_dev.data_ptr<int64_t>(),
                                               positions_dev.data_ptr<int64_t>(), rows_host.size(0), kn, vn,
                                               c10::cuda::getCurrentCUDAStream()));

@@ -21,6 +21,13 @@
 // FMAs above are explicit fmaf. Masked keys never enter any arithmetic (the loops stop at the last
 // visible key), so what lies beyond hi (future keys, padding, unused capacity) cannot leak in.
 //
+// Non-finite values propagate as in torch's attention, never as plausible numbers. A NaN score
+// (a NaN in q or in a visible key) is ignored by the max but gives exp(NaN) = NaN in the sum l; a
+// +inf score makes the max +inf and exp(inf - inf) = NaN. Either way l is NaN, NaN survives every
+// later rescale and fold (NaN * 0 = NaN), and the whole query's output is NaN. A -inf score weighs
+// 0; visible keys whose scores are all -inf give NaN (torch's softmax of an all--inf row); no
+// visible key gives zeros. A NaN in a visible value makes that output dimension NaN.
+//
 // Layout: a block serves one (row b, kv head, query j) and up to 8 query heads of that kv head's
 // group (one warp each), so the group shares each K/V sub-block staged in shared memory by a
 // cp.async pipeline (element loads for strided / misaligned K and V, same tile, same arithmetic).
@@ -107,16 +114,18 @@ __device__ __forceinline__ void fold(State<DPL>& s, float mc, float lc, const fl
   s.m = m_new;
 }
 
+// o = acc / l. No visible key: zeros (the contract). Visible keys whose scores are all -inf: NaN, as
+// torch's softmax gives. A NaN or +inf score has already made l NaN (see the top of the file).
 template <typename T, int DMAX>
-__device__ __forceinline__ void write_output(const AttnParams& p, const State<DMAX / 32>& s, int64_t b, int64_t h,
-                                             int64_t j, int lane) {
+__device__ __forceinline__ void write_output(const AttnParams& p, const State<DMAX / 32>& s, int64_t nkeys,
+                                             int64_t b, int64_t h, int64_t j, int lane) {
   constexpr int DPL = DMAX / 32;
   T* o = static_cast<T*>(p.o) + b * p.os[0] + h * p.os[1] + j * p.os[2];
 #pragma unroll
   for (int i = 0; i < DPL; ++i) {
     const int d = lane * DPL + i;
     if (d < p.D) {
-      const float v = s.l == 0.0f ? 0.0f : s.acc[i] / s.l;  // no visible key (or all -inf): zeros
+      const float v = s.l == 0.0f ? (nkeys == 0 ? 0.0f : NAN) : s.acc[i] / s.l;
       o[d * p.os[3]] = detail::from_float<T>(v);
     }
   }
@@ -298,7 +307,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) attention_kernel(AttnParams p)
     }
   }
   detail::cp_async_wait<0>();
-  if (active && p.splits == 1) write_output<T, DMAX>(p, run, b, h, j, lane);
+  if (active && p.splits == 1) write_output<T, DMAX>(p, run, nkeys, b, h, j, lane);
 }
 
 // Folds the chunk states of one query (one warp) in chunk order and writes o.
@@ -325,7 +334,7 @@ template <typename T, int DMAX> __global__ void __launch_bounds__(128) attention
     }
     fold(run, ws[0], ws[1], accc);
   }
-  write_output<T, DMAX>(p, run, b, h, j, lane);
+  write_output<T, DMAX>(p, run, nkeys, b, h, j, lane);
 }
 
 struct Plan {

@@ -2,11 +2,13 @@
 //
 // Invariance argument (bf16 / fp16). Every output element y[m, n] is produced by the same chain of
 // tensor-core instructions, whatever M, the tile shape or the row's position:
-//   acc = 0; for c = 0, 1, 2, ... (K padded with zeros to a multiple of 16):
+//   acc = 0; for c = 0, 1, ..., ceil(K / 16) - 1 (the last chunk zero-padded past K):
 //     acc = mma.m16n8k16(x[m, 16c : 16c + 16], w[n, 16c : 16c + 16], acc)      (fp32 accumulate)
 //   y = round(acc (+ bias[n]))
 // - One instruction shape (mma.sync m16n8k16, fp32 accumulators) for every tile configuration; the
-//   K tile (64 or 128) only groups consecutive chunks, so the chain is the same for any tiling.
+//   K tile (64 or 128) only groups consecutive chunks, so the chain is the same for any tiling. A
+//   K tile reaching past K stops at the last chunk that holds a column of K, so the number of MMAs
+//   is ceil(K / 16) for every tiling (BK = 128 and BK = 64 would otherwise pad different amounts).
 // - No split-K, inside or across blocks: one thread's accumulator register carries the whole chain.
 // - The tile configurations (chosen from M) differ only in how many (m, n) pairs a block or warp
 //   covers. Rows past M are zero-filled; a row of an MMA only ever meets its own x row, so padding
@@ -144,8 +146,13 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 
     const T* sa = stage_a(static_cast<int>(kt % STAGES));
     const T* sw = stage_w(static_cast<int>(kt % STAGES));
+    // The chunks in K order: the fixed chain. Chunks past K are skipped, not multiplied by zero
+    // padding: every tiling then runs exactly ceil(K / 16) MMAs per output element (adding a zero
+    // product is not guaranteed to leave the accumulator's bits alone, e.g. -0 + 0 = +0).
+    const int64_t k_left = p.K - kt * BK;
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {  // the chunks in K order: the fixed chain
+    for (int kk = 0; kk < BK; kk += 16) {
+      if (kk >= k_left) break;  // block-uniform: the same for every warp
       uint32_t a[MT][4], b[NT][2];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {

@@ -18,6 +18,7 @@
 
 #include "device_utils.cuh"
 #include "margingate/cuda/margin.h"
+#include "margin_plan.h"
 
 namespace margingate::cuda {
 namespace {
@@ -109,30 +110,32 @@ __device__ __forceinline__ void write_result(const Top2& t, int64_t row, int64_t
 constexpr int kThreads = 1024;
 constexpr int kUnroll = 4;
 
-// One block per (row, segment): block b is segment b % segments of row b / segments, covering
-// columns [s * seg_len, (s + 1) * seg_len). With one segment the block writes the result,
-// otherwise its state goes to partial[b].
+// One block per (row, segment): block b is segment b % segments of row b / segments (columns
+// from margin_segment). With one segment the block writes the result, otherwise its state goes to
+// partial[b]. Columns are int64 (see margin_plan.h); a finished index (< vocab <= INT_MAX) is an int.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    margin_kernel(const T* __restrict__ logits, int vocab, int64_t row_stride, int64_t col_stride,
-                  int segments, int seg_len, int64_t* __restrict__ top1, int64_t* __restrict__ top2,
+    margin_kernel(const T* __restrict__ logits, int64_t vocab, int64_t row_stride, int64_t col_stride,
+                  detail::MarginPlan plan, int64_t* __restrict__ top1, int64_t* __restrict__ top2,
                   float* __restrict__ margin, Top2* __restrict__ partial) {
   constexpr int kVec = 16 / sizeof(T);
-  const int64_t row = blockIdx.x / segments;
-  const int begin = static_cast<int>(blockIdx.x % segments) * seg_len;
-  const int end = min(vocab, begin + seg_len);
+  const int64_t row = blockIdx.x / plan.segments;
+  const detail::ColumnRange cols = detail::margin_segment(plan, vocab, blockIdx.x % plan.segments);
+  const int64_t begin = cols.begin, end = cols.end;
   const T* base = logits + row * row_stride;
   Top2 t = empty_top2();
 
   if (col_stride == 1) {
     // Scalar head up to the first 16-byte boundary, vectors, scalar tail.
     const uintptr_t addr = reinterpret_cast<uintptr_t>(base + begin);
-    int head = static_cast<int>(((16 - (addr & 15u)) & 15u) / sizeof(T));
+    int64_t head = static_cast<int64_t>(((16 - (addr & 15u)) & 15u) / sizeof(T));
     if ((addr % sizeof(T)) != 0) head = end - begin;  // not even element-aligned: all scalar
-    const int vbegin = min(end, begin + head);
-    const int nvec = (end - vbegin) / kVec;
-    const int vend = vbegin + nvec * kVec;
-    for (int c = begin + threadIdx.x; c < vbegin; c += kThreads) offer(t, detail::to_float(base[c]), c);
+    const int64_t vbegin = begin + head < end ? begin + head : end;
+    const int nvec = static_cast<int>((end - vbegin) / kVec);  // < 2^31 / kVec
+    const int64_t vend = vbegin + static_cast<int64_t>(nvec) * kVec;
+    for (int64_t c = begin + threadIdx.x; c < vbegin; c += kThreads) {
+      offer(t, detail::to_float(base[c]), static_cast<int>(c));
+    }
     const uint4* vp = reinterpret_cast<const uint4*>(base + vbegin);
     for (int v0 = threadIdx.x; v0 < nvec; v0 += kThreads * kUnroll) {
       uint4 raw[kUnroll];
@@ -147,15 +150,18 @@ __global__ void __launch_bounds__(kThreads)
         if (v < nvec) {
           float x[kVec];
           detail::unpack16<T>(raw[u], x);
+          const int c0 = static_cast<int>(vbegin + static_cast<int64_t>(v) * kVec);  // + kVec - 1 < vocab
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) offer_increasing(t, x[e], vbegin + v * kVec + e);
+          for (int e = 0; e < kVec; ++e) offer_increasing(t, x[e], c0 + e);
         }
       }
     }
-    for (int c = vend + threadIdx.x; c < end; c += kThreads) offer(t, detail::to_float(base[c]), c);
+    for (int64_t c = vend + threadIdx.x; c < end; c += kThreads) {
+      offer(t, detail::to_float(base[c]), static_cast<int>(c));
+    }
   } else {
-    for (int c = begin + threadIdx.x; c < end; c += kThreads) {
-      offer(t, detail::to_float(base[static_cast<int64_t>(c) * col_stride]), c);
+    for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) {
+      offer(t, detail::to_float(base[c * col_stride]), static_cast<int>(c));
     }
   }
 
@@ -171,7 +177,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) t = merge(t, shfl_xor(t, o));
   if (lane != 0) return;
-  if (segments == 1) {
+  if (plan.segments == 1) {
     write_result(t, row, top1, top2, margin);
   } else {
     partial[blockIdx.x] = t;
@@ -188,36 +194,11 @@ __global__ void margin_merge_kernel(const Top2* __restrict__ partial, int64_t ro
   write_result(t, row, top1, top2, margin);
 }
 
-struct Plan {
-  int segments = 1;
-  int seg_len = 0;
-};
-
-// Split rows only when they would leave more than half of the SMs idle; then enough segments to
-// cover every SM about twice, each a whole number of 16-byte vectors (a multiple of 8 elements)
-// and at least 4096 elements so the per-block merge stays negligible.
-Plan make_plan(int64_t rows, int64_t vocab) {
-  Plan p;
-  p.seg_len = static_cast<int>(vocab);
-  const int64_t sms = detail::current_device_sms();
-  if (rows <= 0 || 2 * rows >= sms) return p;
-  const int64_t want = (2 * sms + rows - 1) / rows;
-  const int64_t max_by_size = (vocab + 4095) / 4096;
-  const int64_t segments = want < max_by_size ? want : max_by_size;
-  if (segments <= 1) return p;
-  int64_t len = (vocab + segments - 1) / segments;
-  len = (len + 7) / 8 * 8;
-  p.seg_len = static_cast<int>(len);
-  p.segments = static_cast<int>((vocab + len - 1) / len);
-  if (p.segments <= 1) p.seg_len = static_cast<int>(vocab), p.segments = 1;
-  return p;
-}
-
 }  // namespace
 
 size_t margin_workspace_bytes(int64_t rows, int64_t vocab) {
   if (rows <= 0 || vocab < 2 || vocab > INT_MAX) return 0;
-  const Plan p = make_plan(rows, vocab);
+  const detail::MarginPlan p = detail::margin_plan(rows, vocab, detail::current_device_sms());
   return p.segments > 1 ? static_cast<size_t>(rows) * p.segments * sizeof(Top2) : 0;
 }
 
@@ -226,7 +207,7 @@ cudaError_t margin(DType dtype, const void* logits, int64_t rows, int64_t vocab,
                    size_t workspace_bytes, cudaStream_t stream) {
   if (rows < 0 || vocab < 2 || vocab > INT_MAX) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
-  const Plan p = make_plan(rows, vocab);
+  const detail::MarginPlan p = detail::margin_plan(rows, vocab, detail::current_device_sms());
   Top2* partial = nullptr;
   if (p.segments > 1) {
     if (workspace == nullptr || workspace_bytes < static_cast<size_t>(rows) * p.segments * sizeof(Top2))
@@ -236,15 +217,15 @@ cudaError_t margin(DType dtype, const void* logits, int64_t rows, int64_t vocab,
   if (rows * p.segments > INT_MAX) return cudaErrorInvalidValue;
   const unsigned grid = static_cast<unsigned>(rows * p.segments);
   detail::dispatch_dtype(dtype, [&]<typename T>() {
-    margin_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(logits), static_cast<int>(vocab),
-                                                   row_stride, col_stride, p.segments, p.seg_len, top1, top2, margin_out,
-                                                   partial);
+    margin_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(logits), vocab, row_stride, col_stride, p,
+                                                   top1, top2, margin_out, partial);
     return 0;
   });
   if (p.segments > 1) {
     const int threads = 128;
     const unsigned blocks = static_cast<unsigned>((rows + threads - 1) / threads);
-    margin_merge_kernel<<<blocks, threads, 0, stream>>>(partial, rows, p.segments, top1, top2, margin_out);
+    margin_merge_kernel<<<blocks, threads, 0, stream>>>(partial, rows, static_cast<int>(p.segments), top1, top2,
+                                                        margin_out);
   }
   return cudaGetLastError();
 }
