@@ -38,6 +38,30 @@ def build_info() -> dict[str, object]:
     return info
 
 
+def _check_devices(op: str, anchor: str, tensors: dict, indices: dict | None = None) -> None:
+    """The device rules of the native kernels, for the fake kernels.
+
+    The dispatcher sends a call to the ``Meta`` kernel (the fake) as soon as one argument is on
+    ``meta``, even when the others are CPU tensors: without this check a ``meta`` bias gave an
+    uninitialised CPU result and a ``meta`` ``k_new`` patched nothing, silently. Data tensors must
+    all be on the device of ``tensors[anchor]``; index tensors on that device or the CPU (the CUDA
+    kernels accept host indices).
+    """
+    device = tensors[anchor].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(
+                f"margingate.{op}: {name} is on {t.device} but {anchor} is on {device}; "
+                "all arguments must be on one device"
+            )
+    for name, t in (indices or {}).items():
+        if t is not None and t.device != device and t.device.type != "cpu":
+            raise RuntimeError(
+                f"margingate.{op}: {name} is on {t.device} but {anchor} is on {device}; "
+                "it must be on that device or the CPU"
+            )
+
+
 # --------------------------------------------------------------------------- margin
 def margin(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-1 index, top-2 index and the logit margin of each row, in one fused pass.
@@ -80,6 +104,12 @@ def kv_patch_(
 
 @torch.library.register_fake("margingate::kv_patch_")
 def _kv_patch_fake(k_cache, v_cache, rows, positions, k_new, v_new):
+    _check_devices(
+        "kv_patch_",
+        "k_cache",
+        {"k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new},
+        {"rows": rows, "positions": positions},
+    )
     return None
 
 
@@ -121,9 +151,14 @@ def _linear_fake(x, weight, bias=None):
         weight.shape[1] == x.shape[-1], lambda: "margingate.linear: weight must be [N, K] with K = x.size(-1)"
     )
     torch._check(weight.dtype == x.dtype, lambda: "margingate.linear: weight must have x's dtype")
-    torch._check(
-        weight.device == x.device, lambda: "margingate.linear: x and weight must be on the same device"
-    )
+    # The native kernels' own messages (csrc/cpu/linear.cpp).
+    if weight.device != x.device:
+        raise RuntimeError(
+            "margingate.linear: x and weight must be on the same device, "
+            f"got x on {x.device} and weight on {weight.device}"
+        )
+    if bias is not None and bias.device != x.device:
+        raise RuntimeError(f"margingate.linear: bias must be on x's device {x.device}, got {bias.device}")
     if bias is not None:
         torch._check(
             bias.dim() == 1 and bias.shape[0] == weight.shape[0],
@@ -171,4 +206,5 @@ def _attention_fake(q, k, v, kv_start=None, kv_rows=None, *, causal=True, scale=
         k.dtype == q.dtype and v.dtype == q.dtype, lambda: "margingate.attention: q, k, v dtypes differ"
     )
     torch._check(k.shape[3] == q.shape[3], lambda: "margingate.attention: q and k head_dim differ")
+    _check_devices("attention", "q", {"q": q, "k": k, "v": v}, {"kv_start": kv_start, "kv_rows": kv_rows})
     return q.new_empty(q.shape)
