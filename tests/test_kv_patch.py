@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -145,6 +147,17 @@ def test_cpu_only_build_has_a_clear_cuda_error_registered():
     for op in ("margin", "linear", "attention", "kv_patch_"):
         handle = getattr(torch.ops.margingate, op).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(handle.name(), "CUDA")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_patch_copies_non_finite_values_bit_for_bit(dtype):
+    args = _valid_args(dtype)
+    args["k_new"][0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    args["v_new"][1, 1, 1] = -math.nan
+    margingate.kv_patch_(**args)
+    ints = {4: torch.int32, 2: torch.int16}[args["k_new"].element_size()]
+    assert torch.equal(args["k_cache"][0, :, 5].view(ints), args["k_new"][0].view(ints))
+    assert torch.equal(args["v_cache"][2, :, 1].view(ints), args["v_new"][1].view(ints))
 
 
 # ----------------------------------------------------------------------------- devices

@@ -187,7 +187,7 @@ def _inspect_entry(directory: Path) -> tuple[str, str]:
     or ``"complete"``. Cheap: sizes only (checksums are read by :func:`_checksum_mismatch`)."""
     if not os.path.lexists(directory):
         return "missing", ""
-    if directory.is_symlink() or not directory.is_dir():
+    if not directory.is_dir():  # follows a symlink: a linked entry is judged by what it points to
         return "foreign", "it is not a directory"
     if not (directory / _MARKER).exists():
         if not any(directory.iterdir()):

@@ -97,7 +97,10 @@ def kv_patch_(
 
     Caches use the Hugging Face layout ``[B, H_kv, T, D]`` (any strides); ``k_new``/``v_new``
     are ``[n, H_kv, D]``. Every index is validated before the first write: on an error the
-    caches are untouched.
+    caches are untouched. Like aten's in-place ops it bumps the caches' version counters, refuses a
+    leaf that requires grad while grad mode is on and an inference tensor outside inference mode,
+    and it refuses aliased memory: caches that overlap each other or themselves (an expanded
+    cache), and ``k_new``/``v_new`` that share memory with a cache (pass a ``.clone()``).
     """
     torch.ops.margingate.kv_patch_.default(k_cache, v_cache, rows, positions, k_new, v_new)
 
@@ -188,7 +191,9 @@ def attention(
     when ``causal`` and ``p - window < t`` with a sliding ``window`` (which requires ``causal``).
     ``kv_rows[b]`` names the k/v row that query row ``b`` reads (default: row ``b``, then
     ``Bkv == B``). ``scale`` defaults to ``1/sqrt(D)``. Returns a contiguous ``[B, Hq, Tq, D]``
-    tensor in q's dtype; a query that sees no key gets zeros.
+    tensor in q's dtype; a query that sees no key gets zeros. A NaN or +inf among a query's scores
+    (a NaN in q or in a key it sees, an infinite key element) makes its output NaN, and a NaN in a
+    value it sees makes that output column NaN, as in torch's attention.
 
     Each output is bit-identical whatever the batch, the padding amount, the cache capacity, the
     kv_rows indirection and Tq (a decode step equals the same query inside a prefill).

@@ -19,10 +19,11 @@ namespace margingate {
 //
 // Non-finite inputs propagate as in torch's attention, never as plausible numbers: a query whose
 // scores include a NaN or +inf (a NaN in q or in a visible key, an infinite key element) gets NaN
-// in every output element, and so does a query whose visible values include a NaN. A -inf score
-// weighs 0 like torch's, except that a chunk of 64 keys whose scores are all -inf gives NaN. NaN
-// payloads are unspecified; the SIMD levels agree on which outputs are NaN and bit for bit on the
-// others. Keys outside a query's window or padding are never read, so their contents don't matter.
+// in every output element; a NaN in a visible value makes the output element of its head_dim
+// index NaN (an infinite value: inf or NaN). A -inf score weighs 0 like torch's, except that a
+// chunk of 64 keys whose scores are all -inf gives NaN. NaN payloads are unspecified; the SIMD
+// levels agree on which outputs are NaN and bit for bit on the others. Keys outside a query's
+// window or before kv_start are never read, so their contents cannot matter.
 struct AttentionArgs {
   DType dtype = DType::kFloat32;
   const void* q = nullptr;
