@@ -9,7 +9,29 @@
 
 namespace margingate::binding {
 
-// Ranks, lengths and dtypes; returns the caches' dtype. Nothing is written before this passes.
+inline CacheView cache_view(const at::Tensor& t) {  // [B, H_kv, T, D]
+  CacheView c;
+  c.data = t.data_ptr();
+  c.batch = t.size(0);
+  c.heads = t.size(1);
+  c.capacity = t.size(2);
+  c.head_dim = t.size(3);
+  for (int d = 0; d < 4; ++d) c.stride[d] = t.stride(d);
+  return c;
+}
+
+inline ColumnsView columns_view(const at::Tensor& t) {  // [n, H_kv, D]
+  ColumnsView c;
+  c.data = t.data_ptr();
+  c.n = t.size(0);
+  c.heads = t.size(1);
+  c.head_dim = t.size(2);
+  for (int d = 0; d < 3; ++d) c.stride[d] = t.stride(d);
+  return c;
+}
+
+// Ranks, lengths, dtypes and memory overlap; returns the caches' dtype. Nothing is written before
+// this passes.
 inline DType check_kv_patch_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rows,
                                  const at::Tensor& positions, const at::Tensor& k_new, const at::Tensor& v_new) {
   TORCH_CHECK(k_cache.dim() == 4, "margingate.kv_patch_: k_cache must be 4-D [batch, heads, capacity, head_dim], got ",
@@ -30,28 +52,11 @@ inline DType check_kv_patch_args(const at::Tensor& k_cache, const at::Tensor& v_
                      t->scalar_type(), " but k_cache has ", k_cache.scalar_type());
   }
   TORCH_CHECK(!k_cache.is_same(v_cache), "margingate.kv_patch_: k_cache and v_cache must be different tensors");
+  // Aliasing (a self-overlapping cache, k and v sharing elements, k_new/v_new inside a cache) is
+  // refused here too, so the CUDA registration refuses it before its launch as the CPU core does.
+  check_status(kv_patch_check_memory(static_cast<int64_t>(k_cache.element_size()), cache_view(k_cache),
+                                     cache_view(v_cache), columns_view(k_new), columns_view(v_new)));
   return dtype;
-}
-
-inline CacheView cache_view(const at::Tensor& t) {  // [B, H_kv, T, D]
-  CacheView c;
-  c.data = t.data_ptr();
-  c.batch = t.size(0);
-  c.heads = t.size(1);
-  c.capacity = t.size(2);
-  c.head_dim = t.size(3);
-  for (int d = 0; d < 4; ++d) c.stride[d] = t.stride(d);
-  return c;
-}
-
-inline ColumnsView columns_view(const at::Tensor& t) {  // [n, H_kv, D]
-  ColumnsView c;
-  c.data = t.data_ptr();
-  c.n = t.size(0);
-  c.heads = t.size(1);
-  c.head_dim = t.size(2);
-  for (int d = 0; d < 3; ++d) c.stride[d] = t.stride(d);
-  return c;
 }
 
 }  // namespace margingate::binding

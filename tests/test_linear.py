@@ -269,3 +269,30 @@ def test_other_simd_levels_are_invariant_on_their_own(level):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"ok {level}" in out.stdout
+
+
+# ----------------------------------------------------------------------------- meta, autograd, aliasing
+@pytest.mark.parametrize("arg", ["weight", "bias"])
+def test_an_argument_on_meta_is_a_device_mix(arg):
+    # linear(x, w, bias_on_meta) used to reach the fake kernel and return an uninitialised CPU
+    # tensor (0.0 where 64.0 is right).
+    args = {"x": torch.ones(2, 16), "weight": torch.full((3, 16), 4.0), "bias": torch.zeros(3)}
+    args[arg] = args[arg].to("meta")
+    with pytest.raises(RuntimeError, match=f"margingate.linear: .*{arg} .*meta"):
+        margingate.linear(args["x"], args["weight"], args["bias"])
+    out = margingate.linear(*(t.to("meta") for t in args.values()))
+    assert out.device.type == "meta" and out.shape == (2, 3)
+
+
+def test_autograd_has_no_silent_backward():
+    x = torch.randn(3, 8, requires_grad=True)
+    y = margingate.linear(x, torch.randn(5, 8))
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for margingate::linear is not implemented"):
+        y.sum().backward()
+
+
+def test_aliased_inputs_are_only_read():
+    # x and weight may be one tensor (x @ x.T): the op only reads its inputs.
+    x = torch.randn(6, 40)
+    assert torch.equal(margingate.linear(x, x, x[0, :6]), margingate.linear(x.clone(), x.clone(), x[0, :6].clone()))

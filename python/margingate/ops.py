@@ -38,6 +38,30 @@ def build_info() -> dict[str, object]:
     return info
 
 
+def _check_devices(op: str, anchor: str, tensors: dict, indices: dict | None = None) -> None:
+    """The device rules of the native kernels, for the fake kernels.
+
+    The dispatcher sends a call to the ``Meta`` kernel (the fake) as soon as one argument is on
+    ``meta``, even when the others are CPU tensors: without this check a ``meta`` bias gave an
+    uninitialised CPU result and a ``meta`` ``k_new`` patched nothing, silently. Data tensors must
+    all be on the device of ``tensors[anchor]``; index tensors on that device or the CPU (the CUDA
+    kernels accept host indices).
+    """
+    device = tensors[anchor].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(
+                f"margingate.{op}: {name} is on {t.device} but {anchor} is on {device}; "
+                "all arguments must be on one device"
+            )
+    for name, t in (indices or {}).items():
+        if t is not None and t.device != device and t.device.type != "cpu":
+            raise RuntimeError(
+                f"margingate.{op}: {name} is on {t.device} but {anchor} is on {device}; "
+                "it must be on that device or the CPU"
+            )
+
+
 # --------------------------------------------------------------------------- margin
 def margin(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-1 index, top-2 index and the logit margin of each row, in one fused pass.
@@ -73,13 +97,22 @@ def kv_patch_(
 
     Caches use the Hugging Face layout ``[B, H_kv, T, D]`` (any strides); ``k_new``/``v_new``
     are ``[n, H_kv, D]``. Every index is validated before the first write: on an error the
-    caches are untouched.
+    caches are untouched. Like aten's in-place ops it bumps the caches' version counters, refuses a
+    leaf that requires grad while grad mode is on and an inference tensor outside inference mode,
+    and it refuses aliased memory: caches that overlap each other or themselves (an expanded
+    cache), and ``k_new``/``v_new`` that share memory with a cache (pass a ``.clone()``).
     """
     torch.ops.margingate.kv_patch_.default(k_cache, v_cache, rows, positions, k_new, v_new)
 
 
 @torch.library.register_fake("margingate::kv_patch_")
 def _kv_patch_fake(k_cache, v_cache, rows, positions, k_new, v_new):
+    _check_devices(
+        "kv_patch_",
+        "k_cache",
+        {"k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new},
+        {"rows": rows, "positions": positions},
+    )
     return None
 
 
@@ -121,9 +154,14 @@ def _linear_fake(x, weight, bias=None):
         weight.shape[1] == x.shape[-1], lambda: "margingate.linear: weight must be [N, K] with K = x.size(-1)"
     )
     torch._check(weight.dtype == x.dtype, lambda: "margingate.linear: weight must have x's dtype")
-    torch._check(
-        weight.device == x.device, lambda: "margingate.linear: x and weight must be on the same device"
-    )
+    # The native kernels' own messages (csrc/cpu/linear.cpp).
+    if weight.device != x.device:
+        raise RuntimeError(
+            "margingate.linear: x and weight must be on the same device, "
+            f"got x on {x.device} and weight on {weight.device}"
+        )
+    if bias is not None and bias.device != x.device:
+        raise RuntimeError(f"margingate.linear: bias must be on x's device {x.device}, got {bias.device}")
     if bias is not None:
         torch._check(
             bias.dim() == 1 and bias.shape[0] == weight.shape[0],
@@ -153,7 +191,9 @@ def attention(
     when ``causal`` and ``p - window < t`` with a sliding ``window`` (which requires ``causal``).
     ``kv_rows[b]`` names the k/v row that query row ``b`` reads (default: row ``b``, then
     ``Bkv == B``). ``scale`` defaults to ``1/sqrt(D)``. Returns a contiguous ``[B, Hq, Tq, D]``
-    tensor in q's dtype; a query that sees no key gets zeros.
+    tensor in q's dtype; a query that sees no key gets zeros. A NaN or +inf among a query's scores
+    (a NaN in q or in a key it sees, an infinite key element) makes its output NaN, and a NaN in a
+    value it sees makes that output column NaN, as in torch's attention.
 
     Each output is bit-identical whatever the batch, the padding amount, the cache capacity, the
     kv_rows indirection and Tq (a decode step equals the same query inside a prefill).
@@ -171,4 +211,5 @@ def _attention_fake(q, k, v, kv_start=None, kv_rows=None, *, causal=True, scale=
         k.dtype == q.dtype and v.dtype == q.dtype, lambda: "margingate.attention: q, k, v dtypes differ"
     )
     torch._check(k.shape[3] == q.shape[3], lambda: "margingate.attention: q and k head_dim differ")
+    _check_devices("attention", "q", {"q": q, "k": k, "v": v}, {"kv_start": kv_start, "kv_rows": kv_rows})
     return q.new_empty(q.shape)

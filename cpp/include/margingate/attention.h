@@ -16,6 +16,14 @@ namespace margingate {
 // attends to, bit for bit: keys are reduced in fixed-size chunks counted from the first key the
 // query sees, with an online softmax in fp32, and the chunks are combined in order. A query with
 // no visible key gets zeros.
+//
+// Non-finite inputs propagate as in torch's attention, never as plausible numbers: a query whose
+// scores include a NaN or +inf (a NaN in q or in a visible key, an infinite key element) gets NaN
+// in every output element; a NaN in a visible value makes the output element of its head_dim
+// index NaN (an infinite value: inf or NaN). A -inf score weighs 0 like torch's, except that a
+// chunk of 64 keys whose scores are all -inf gives NaN. NaN payloads are unspecified; the SIMD
+// levels agree on which outputs are NaN and bit for bit on the others. Keys outside a query's
+// window or before kv_start are never read, so their contents cannot matter.
 struct AttentionArgs {
   DType dtype = DType::kFloat32;
   const void* q = nullptr;

@@ -87,10 +87,14 @@ void load_row(const void* base, int64_t offset, int64_t stride, float* x, int64_
   for (int64_t d = 0; d < D; ++d) x[d] = to_float(in[d * stride]);
 }
 
-// Writes acc / l (zeros when no key was visible) in the output dtype.
+// Writes acc / l in the output dtype. l == 0 exactly when no key was visible (a visible key's
+// chunk maximum has weight 1): zeros. Any other l is divided through, so a NaN that entered the
+// sums (a NaN score, an infinite score, a NaN or infinite value) reaches the output as NaN the way
+// it does in torch's attention; testing `l > 0` would turn such a query into plausible zeros.
 void finish(const AttentionArgs& a, float l, const float* acc, int64_t b, int64_t h, int64_t j) {
   float row[kMaxHeadDim];
-  for (int64_t d = 0; d < a.D; ++d) row[d] = l > 0.0f ? acc[d] / l : 0.0f;
+  const bool no_key = l == 0.0f;
+  for (int64_t d = 0; d < a.D; ++d) row[d] = no_key ? 0.0f : acc[d] / l;
   const int64_t base = b * a.o_stride[0] + h * a.o_stride[1] + j * a.o_stride[2];
   switch (a.dtype) {
     case DType::kFloat32: store_row<float>(a.o, base, a.o_stride[3], row, a.D); break;

@@ -15,7 +15,9 @@
 //   combine      m' = max(m, m_c); alpha = exp2(m - m'); beta = exp2(m_c - m');
 //                l = fma(l, alpha, l_c * beta); acc[d] = fma(acc[d], alpha, a_c[d] * beta)
 //   output[d]    = acc[d] / l  (l == 0: no visible key, zeros)
-// (NaN/inf inputs give NaN outputs; exactly which ones and their payloads are not part of this.)
+// A NaN (from a NaN input, inf - inf, 0 * inf) travels through max, exp2_nonpositive, the sums and
+// the combine into l and acc, and the division then puts it into the output: no step may test a
+// NaN away (see margingate/attention.h for what is promised). NaN payloads are not part of this.
 #pragma once
 
 #include <cmath>
