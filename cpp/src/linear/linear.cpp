@@ -182,8 +182,9 @@ Status linear(const LinearArgs& a, const Parallel& parallel) {
   // would be one more pass over it; the padding between packed rows is never read.
   std::unique_ptr<float[]> x_wide;
   std::unique_ptr<char[]> x_packed;
+  const bool fp32_x_level = level == SimdLevel::kAvx2 || level == SimdLevel::kNeon;
   const bool widen_x = a.K > 0 && ((a.dtype == DType::kFloat16 && level != SimdLevel::kScalar) ||
-                                   (a.dtype == DType::kBFloat16 && level == SimdLevel::kAvx2));
+                                   (a.dtype == DType::kBFloat16 && fp32_x_level));
   if (widen_x) {
     x_wide.reset(new float[static_cast<size_t>(a.M * a.K)]);
     if (a.dtype == DType::kFloat16) {
@@ -234,9 +235,14 @@ Status linear(const LinearArgs& a, const Parallel& parallel) {
   }
 
   switch (level) {
+#if MARGINGATE_ARCH_X86
     case SimdLevel::kAvx512: linear_avx512(p, parallel); break;
     case SimdLevel::kAvx2: linear_avx2(p, parallel); break;
-    case SimdLevel::kScalar: linear_scalar(p, parallel); break;
+#endif
+#if MARGINGATE_ARCH_ARM64
+    case SimdLevel::kNeon: linear_neon(p, parallel); break;
+#endif
+    default: linear_scalar(p, parallel); break;
   }
   return Status::success();
 }
