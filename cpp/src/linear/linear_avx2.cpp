@@ -47,7 +47,9 @@ inline __m256 load_w8(const bf16_t* p) {  // bf16 -> fp32 is a 16-bit shift: exa
 }
 
 // `prefetch`: this tile streams its weight rows from memory (see run()), so ask for the lines
-// kPrefetchAhead bytes further along each row, one line per row per 64 bytes consumed, into L2.
+// `ahead` bytes further along each row, one line per row per 64 bytes consumed, into L2: at least
+// kPrefetchAhead, and at least one tile (NR rows) ahead, so that with long rows (K = 4096) the
+// lines asked for are the next panel's, not this tile's other rows.
 template <typename WT, int MR, int NR>
 void tile(const float* x, int64_t xs, const WT* w, int64_t ws, int64_t K, float* sums, bool prefetch) {
   __m256 acc[MR][NR];
@@ -57,10 +59,11 @@ void tile(const float* x, int64_t xs, const WT* w, int64_t ws, int64_t K, float*
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   const int64_t full = K / kLanes * kLanes;
   constexpr int64_t kLine = 64 / sizeof(WT);  // elements per cache line
+  const int64_t ahead = std::max<int64_t>(kPrefetchAhead, NR * ws * int64_t{sizeof(WT)});
   for (int64_t k = 0; k < full; k += kLanes) {
     if (prefetch && k % kLine == 0) {
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ws + k) + kPrefetchAhead, _MM_HINT_T1);
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ws + k) + ahead, _MM_HINT_T1);
     }
     __m256 xv[MR];
 #pragma GCC unroll 8
