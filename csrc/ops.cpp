@@ -14,6 +14,8 @@ std::string build_info() {
   s += simd_level_name(simd_level());
   s += ";simd_supported=";
   s += simd_level_name(simd_level_supported());
+  s += ";simd_reason=";
+  s += simd_level_reason();
 #ifdef MARGINGATE_WITH_CUDA
   s += ";cuda=1";
 #else
@@ -40,7 +42,7 @@ TORCH_LIBRARY(margingate, m) {
   m.def(
       "kv_patch_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor positions, "
       "Tensor k_new, Tensor v_new) -> ()");
-  // Build facts: torch version, compiler, SIMD level in use, CUDA compiled in.
+  // Build facts: torch version, compiler, SIMD level in use (and why), CUDA compiled in.
   m.def("build_info() -> str", &build_info);
 }
 

@@ -2,16 +2,11 @@
 
 Invariance is an exact property and is tested with ``torch.equal``. Accuracy follows the
 flash-attention rule: our error against an fp64 reference may be at most twice torch's own error
-at the same precision (plus a small absolute slack), not a magic tolerance. The non-default SIMD
-levels are tested in subprocesses, since a process fixes its level on first use.
+at the same precision (plus a small absolute slack), not a magic tolerance. Every SIMD level the
+CPU has is tested in its own subprocess, since a process fixes its level on first use.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -19,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import margingate
+
+from .conftest import run_at_simd_level
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -232,43 +229,28 @@ def test_device_mix_is_rejected():
         margingate.linear(torch.randn(4, 3), torch.randn(5, 3, device="meta"))
 
 
-_LEVEL_SCRIPT = textwrap.dedent(
-    """
-    import torch, margingate
-    from tests.test_linear import _make, assert_rows_invariant, assert_close_to_fp64
-    level = margingate.build_info()["simd"]
-    assert level == "{level}", level
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for M, K, N, xl, wl in [(70, 37, 13, "sliced", "transposed"), (9, 300, 20, "3d", "padded"),
-                                (130, 257, 7, "contiguous", "contiguous"), (5, 8, 3, "transposed", "contiguous")]:
-            x, w, b = _make(M, K, N, dtype, xl, wl, True, seed=M + K)
-            y = margingate.linear(x, w, b)
-            x2, y2 = x.reshape(-1, K), y.reshape(-1, N)
-            assert_rows_invariant(x2, w, b, y2)
-            assert_close_to_fp64(y2, x2, w, b)
-    print("ok", level)
-    """
-)
+_LEVEL_SCRIPT = """
+import torch
+from tests.test_linear import _make, assert_rows_invariant, assert_close_to_fp64
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    # Strided layouts, edge tiles, a zero-filled last chunk, and the decode shapes (M <= 3) whose
+    # tiles stream the weight with prefetching, up to a wide N.
+    for M, K, N, xl, wl in [(70, 37, 13, "sliced", "transposed"), (9, 300, 20, "3d", "padded"),
+                            (130, 257, 7, "contiguous", "contiguous"), (5, 8, 3, "transposed", "contiguous"),
+                            (1, 640, 4099, "contiguous", "contiguous"), (3, 301, 517, "contiguous", "padded")]:
+        x, w, b = _make(M, K, N, dtype, xl, wl, True, seed=M + K)
+        y = margingate.linear(x, w, b)
+        x2, y2 = x.reshape(-1, K), y.reshape(-1, N)
+        assert_rows_invariant(x2, w, b, y2)
+        assert_close_to_fp64(y2, x2, w, b)
+print("ok")
+"""
 
 
-@pytest.mark.parametrize("level", ["avx2", "scalar"])
-def test_other_simd_levels_are_invariant_on_their_own(level):
-    if level == "avx2" and margingate.build_info()["simd_supported"] == "scalar":
-        pytest.skip("this CPU has no AVX2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, MARGINGATE_SIMD=level)
-    # The subprocess must import the same margingate as this test (installed or the dev build).
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(margingate.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_parent, root, env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, "-c", _LEVEL_SCRIPT.format(level=level)],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"ok {level}" in out.stdout
+def test_every_simd_level_is_invariant_on_its_own(simd_level):
+    """Each level has its own fixed reduction order; rows are invariant at each (tests/conftest.py
+    runs every level this CPU has, each in its own process)."""
+    assert run_at_simd_level(simd_level, _LEVEL_SCRIPT).strip() == "ok"
 
 
 # ----------------------------------------------------------------------------- meta, autograd, aliasing

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from hypothesis import strategies as st
 
 import margingate
 
-from .conftest import DTYPES
+from .conftest import DTYPES, run_at_simd_level
 
 
 def reference(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,27 +131,28 @@ def test_margin_is_independent_of_the_batch():
             assert torch.equal(a, b[r : r + 1])
 
 
-@pytest.mark.parametrize("level", ["scalar", "avx2"])
-def test_margin_other_simd_levels_agree(level):
-    """Every SIMD level gives the exact answer (margin has no rounding), so they all agree."""
-    code = (
-        "import torch, margingate;"
-        "g = torch.Generator().manual_seed(1);"
-        "x = (torch.randn(6, 70001, generator=g) * 3).to(torch.bfloat16);"
-        "x[2, 5] = float('nan'); x[3] = float('-inf');"
-        "t1, t2, m = margingate.margin(x);"
-        "print(margingate.build_info()['simd'], t1.tolist(), t2.tolist(), m.tolist())"
-    )
-    env = dict(os.environ)
-    out = {}
-    for name in ("default", level):
-        if name != "default":
-            env["MARGINGATE_SIMD"] = name
-        out[name] = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        ).stdout.split(" ", 1)
-    assert out[level][0] in (level, "scalar")
-    assert out["default"][1] == out[level][1]
+_LEVEL_SCRIPT = """
+import math, torch
+from tests.test_margin import assert_matches_reference
+g = torch.Generator().manual_seed(1)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for vocab in (17, 2049, 70001, 262144):
+        x = (torch.randn(6, vocab, generator=g) * 3).to(dtype)
+        x[1, vocab - 1] = 100  # the winner in the last block, the runner-up far before it
+        x[1, 3] = 99
+        x[2, 5] = math.nan
+        x[3] = -math.inf
+        x[4] = torch.randint(0, 3, (vocab,), generator=g).to(dtype)  # ties everywhere
+        assert_matches_reference(x)
+        assert_matches_reference(x[:1])  # one row: split across threads
+        assert_matches_reference(x.t().contiguous().t())  # column stride != 1
+print("ok")
+"""
+
+
+def test_margin_every_simd_level_matches_reference(simd_level):
+    """Margin has no rounding: every SIMD level this CPU has gives the reference's exact answer."""
+    assert run_at_simd_level(simd_level, _LEVEL_SCRIPT).strip() == "ok"
 
 
 def test_margin_opcheck():

@@ -43,4 +43,8 @@ void fill_random(DType dtype, void* data, int64_t count, uint64_t seed, float sc
 // the pool's lifetime, whatever else is added to it).
 void* scratch(std::vector<std::vector<char>>& pool, DType dtype, int64_t count);
 
+// The self-check (margingate_bench --check, check.cpp): every op against a scalar reference and
+// the invariance properties at this process's SIMD level. Returns the exit status (0 = all right).
+int run_checks(const Parallel& parallel);
+
 }  // namespace margingate::bench

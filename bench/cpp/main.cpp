@@ -1,9 +1,12 @@
 // margingate_bench: times the native kernels on a grid of shapes and prints a table.
 //
 //   margingate_bench [--threads N] [--repeats R] [--min-ms M] [op ...]
+//   margingate_bench --check [--threads N]
 //
 // Each case is warmed up, then run R times (each timing covers enough calls to last M ms); the
 // table shows the median and min per call, GB/s (bytes the kernel must move) and GFLOP/s.
+// --check runs the self-check instead (check.cpp): exit status 1 on any wrong result. Both report
+// the SIMD level in use; MARGINGATE_SIMD=scalar|avx2|avx512|neon caps it.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -146,14 +149,17 @@ int main(int argc, char** argv) {
   int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   int repeats = 7;
   double min_ms = 20;
+  bool check = false;
   std::vector<std::string> only;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (a == "--repeats" && i + 1 < argc) repeats = std::atoi(argv[++i]);
     else if (a == "--min-ms" && i + 1 < argc) min_ms = std::atof(argv[++i]);
+    else if (a == "--check") check = true;
     else if (a == "-h" || a == "--help") {
-      std::printf("usage: margingate_bench [--threads N] [--repeats R] [--min-ms M] [op ...]\nops:");
+      std::printf("usage: margingate_bench [--threads N] [--repeats R] [--min-ms M] [op ...]\n"
+                  "       margingate_bench --check [--threads N]   (self-check; exit 1 on a wrong result)\nops:");
       for (auto& [name, f] : registry()) std::printf(" %s", name.c_str());
       std::printf("\n");
       return 0;
@@ -181,7 +187,9 @@ int main(int argc, char** argv) {
   parallel.run = [](void* self, int64_t n, int64_t grain, void* ctx, Parallel::Body body) {
     static_cast<ThreadPool*>(self)->run(n, grain, ctx, body);
   };
-  std::printf("margingate_bench: threads=%d simd=%s repeats=%d\n", threads, simd_level_name(simd_level()), repeats);
+  if (check) return run_checks(parallel);
+  std::printf("margingate_bench: threads=%d simd=%s (%s) repeats=%d\n", threads, simd_level_name(simd_level()),
+              simd_level_reason(), repeats);
   std::printf("%-12s %-9s %-34s %12s %12s %10s %10s\n", "op", "dtype", "shape", "median_us", "min_us", "GB/s",
               "GFLOP/s");
   for (auto& [op, factory] : registry()) {

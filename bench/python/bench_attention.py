@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, geomean, measure, print_table  # noqa: E402
+from harness import copy_bandwidth_gbs, geomean, measure, print_table, run_header  # noqa: E402
 
 import margingate  # noqa: E402
 
@@ -77,7 +77,7 @@ def main():
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     repeats = 3 if args.quick else 5
-    print(f"threads={torch.get_num_threads()} build={margingate.build_info()} dtype={args.dtype}")
+    print(f"attention benchmark: {run_header()}, dtype={args.dtype}")
     roof = copy_bandwidth_gbs()
     print(f"copy bandwidth (read+write, torch copy_): {roof:.1f} GB/s")
 

@@ -1,9 +1,11 @@
 """margingate.linear against torch.nn.functional.linear, side by side in one run.
 
-    PYTHONPATH=python python -m bench.python.bench_linear [--dtypes bf16 fp32] [--m 1 4] [--repeats 9]
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python python -m bench.python.bench_linear \
+        [--dtypes bf16 fp32] [--m 1 4] [--shapes 640,262144 ...] [--repeats 9]
 
 Decode shapes M in {1, 4, 16, 64} x (K, N) in {(640, 2048), (2048, 640), (1536, 8960),
-(4096, 4096)} and prefill M = 512, in each dtype. Prints time per call, ratio torch/ours (> 1 =
+(4096, 4096)} and prefill M = 512, in each dtype; --shapes/--m replace them (e.g. Gemma 3 270M's
+lm head: --dtypes bf16 --m 1 --shapes 640,262144 640,32768). Prints time per call, ratio torch/ours (> 1 =
 we are faster), GB/s of weight streamed and GFLOP/s, then the geometric means per regime and the
 machine's copy bandwidth for the M = 1 rows.
 """
@@ -15,7 +17,7 @@ import argparse
 import torch
 
 import margingate
-from bench.python.harness import copy_bandwidth_gbs, geomean, measure, print_table
+from bench.python.harness import copy_bandwidth_gbs, geomean, measure, print_table, run_header
 
 SHAPES = [(640, 2048), (2048, 640), (1536, 8960), (4096, 4096)]
 DECODE_M = [1, 4, 16, 64]
@@ -23,11 +25,13 @@ PREFILL_M = [512]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def run(dtypes: list[str], ms: list[int], repeats: int, min_time_s: float) -> list[dict[str, object]]:
+def run(
+    dtypes: list[str], ms: list[int], repeats: int, min_time_s: float, shapes: list[tuple[int, int]] = SHAPES
+) -> list[dict[str, object]]:
     rows = []
     for name in dtypes:
         dtype = DTYPES[name]
-        for K, N in SHAPES:
+        for K, N in shapes:
             w = torch.randn(N, K).to(dtype)
             for M in ms:
                 x = torch.randn(M, K).to(dtype)
@@ -63,18 +67,24 @@ def run(dtypes: list[str], ms: list[int], repeats: int, min_time_s: float) -> li
     return rows
 
 
+def _shape(text: str) -> tuple[int, int]:
+    K, _, N = text.partition(",")
+    return int(K), int(N)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--m", nargs="+", type=int, default=DECODE_M + PREFILL_M)
+    parser.add_argument(
+        "--shapes", nargs="+", type=_shape, default=SHAPES, metavar="K,N", help="weight shapes [N, K] as K,N"
+    )
     parser.add_argument("--repeats", type=int, default=9)
     # Long samples: the machines are shared, and a 20 ms sample is easily hit by a preemption.
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds per timed sample")
     args = parser.parse_args()
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, margingate {margingate.build_info()}"
-    )
-    rows = run(args.dtypes, args.m, args.repeats, args.min_time)
+    print(f"linear benchmark: {run_header()}")
+    rows = run(args.dtypes, args.m, args.repeats, args.min_time, args.shapes)
     print()
     print_table(rows)
     print()
@@ -85,6 +95,9 @@ def main() -> None:
             print(f"{name} decode: geomean speedup {geomean(decode):.3f}, min {min(decode):.3f}")
         if prefill:
             print(f"{name} prefill M=512: geomean speedup {geomean(prefill):.3f}, min {min(prefill):.3f}")
+        other = [r["speedup"] for r in rows if r["dtype"] == name and r["M"] not in DECODE_M + PREFILL_M]
+        if other:
+            print(f"{name} other M: geomean speedup {geomean(other):.3f}, min {min(other):.3f}")
     m1 = [r for r in rows if r["M"] == 1]
     if m1:
         bw = copy_bandwidth_gbs()

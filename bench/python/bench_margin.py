@@ -1,6 +1,7 @@
 """margin vs torch.topk(logits, 2) + subtraction, side by side in one run.
 
-    PYTHONPATH=python python -m bench.python.bench_margin [--quick]
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python python -m bench.python.bench_margin [--quick]
+    (MARGINGATE_SIMD=avx2 ... runs the AVX2 kernels on an AVX-512 machine)
 
 Prints one row per (dtype, B, V): median µs of both, the speed-up, and margin's achieved GB/s
 (bytes of logits read per second) next to the machine's measured copy bandwidth.
@@ -14,7 +15,7 @@ import torch
 
 import margingate
 
-from .harness import copy_bandwidth_gbs, geomean, measure, print_table
+from .harness import copy_bandwidth_gbs, geomean, measure, print_table, run_header
 
 
 def torch_margin(logits: torch.Tensor):
@@ -53,8 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     args = parser.parse_args()
-    print(f"margin benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"simd={margingate.build_info()['simd']}")
+    print(f"margin benchmark: {run_header()}")
     rows = run(args.quick)
     print_table(rows)
     speedups = [float(r["speedup"]) for r in rows]

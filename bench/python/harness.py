@@ -8,9 +8,26 @@ these machines are shared and noisy, absolute times are not comparable across ru
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+
+
+def run_header() -> str:
+    """The facts every benchmark prints first, so a figure never travels without its ISA: torch,
+    threads, the SIMD level margingate's CPU kernels run at and why (detected, or capped by
+    MARGINGATE_SIMD), and OMP_WAIT_POLICY (PASSIVE keeps torch's baselines fair on a busy machine)."""
+    import torch
+
+    import margingate
+
+    info = margingate.build_info()
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, simd={info['simd']} "
+        f"({info['simd_reason']}; CPU supports {info['simd_supported']}), "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
 
 
 def _calls_for(fn: Callable[[], object], min_time_s: float) -> int:

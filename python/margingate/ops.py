@@ -28,7 +28,11 @@ _load_library()
 
 
 def build_info() -> dict[str, object]:
-    """What this build is: torch it was built against, compiler, SIMD level in use, CUDA."""
+    """What this build is and what it runs: ``torch`` (built against), ``compiler``, ``cuda``,
+    ``torch_runtime``, and the CPU kernels' SIMD level: ``simd`` (in use: scalar, avx2, avx512 or
+    neon), ``simd_supported`` (the best this CPU has) and ``simd_reason`` (why ``simd`` is what it
+    is: ``detected``, ``capped by MARGINGATE_SIMD=...``, or why a ``MARGINGATE_SIMD`` value was not
+    honoured). The level is fixed when the process first uses it."""
     info: dict[str, object] = {}
     for item in torch.ops.margingate.build_info().split(";"):
         key, _, value = item.partition("=")

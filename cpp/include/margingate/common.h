@@ -145,14 +145,34 @@ struct Parallel {
 inline Parallel serial() { return Parallel{}; }
 
 // ---- SIMD level, chosen once at run time ----
-enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+//
+// The kernels of an architecture live in files named after their level (*_avx2.cpp,
+// *_avx512.cpp on x86-64; *_neon.cpp on aarch64); CMake compiles only the current
+// architecture's files, and dispatchers refer to them only under these macros.
+#if defined(__x86_64__) || defined(_M_X64)
+#define MARGINGATE_ARCH_X86 1
+#else
+#define MARGINGATE_ARCH_X86 0
+#endif
+#if defined(__aarch64__)
+#define MARGINGATE_ARCH_ARM64 1
+#else
+#define MARGINGATE_ARCH_ARM64 0
+#endif
+
+// kAvx2 means AVX2 + FMA + F16C; kAvx512 means F/BW/VL/DQ + BF16; kNeon is aarch64's Advanced
+// SIMD (always present there). Only levels of the running architecture can be chosen.
+enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
 
 const char* simd_level_name(SimdLevel level);
 // The best level this CPU supports, capped by the environment variable MARGINGATE_SIMD
-// (scalar | avx2 | avx512) when it is set. Each level is invariant on its own; two levels may
-// differ in the last bit, so a process uses exactly one (read once, then fixed).
+// (scalar | avx2 | avx512 | neon) when it is set. Each level is invariant on its own; two levels
+// may differ in the last bit, so a process uses exactly one (read once, then fixed).
 SimdLevel simd_level();
 // What the CPU supports, ignoring MARGINGATE_SIMD.
 SimdLevel simd_level_supported();
+// Why simd_level() is what it is, in one line: "detected", "capped by MARGINGATE_SIMD=avx2", or
+// why a MARGINGATE_SIMD value was not honoured. Never contains ';'.
+const char* simd_level_reason();
 
 }  // namespace margingate

@@ -244,9 +244,14 @@ Status attention(const AttentionArgs& args, const Parallel& parallel) {
   // other layout simply takes the scalar path.
   const bool unit_d = args.k_stride[3] == 1 && args.v_stride[3] == 1;
   const SimdLevel level = unit_d ? simd_level() : SimdLevel::kScalar;
+#if MARGINGATE_ARCH_X86
   const Kernels& kern = level == SimdLevel::kAvx512 ? kernels_avx512()
                         : level == SimdLevel::kAvx2 ? kernels_avx2()
                                                     : kernels_scalar();
+#else
+  const Kernels& kern = kernels_scalar();  // no SIMD attention kernels for this architecture yet
+  (void)level;
+#endif
 
   Plan plan;
   plan.args = &args;

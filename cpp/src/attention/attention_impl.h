@@ -112,8 +112,10 @@ struct Kernels {
 };
 
 const Kernels& kernels_scalar();
+#if MARGINGATE_ARCH_X86
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
+#endif
 
 // Element access with element strides, for the scalar path and the driver.
 inline float load_element(DType dtype, const void* base, int64_t offset) {

@@ -6,13 +6,14 @@
 // fixed per SIMD level and independent of M, of the row's position, of the strides, of the tile
 // the element falls in and of the thread that computes it:
 //
-//   1. K-reduction.  A level has L lanes (avx512: 16, avx2: 8, scalar: 8 plain floats). One
-//      fp32 accumulator vector per output element starts at +0. K is walked in chunks, always from k = 0 upward in
-//      steps of the chunk size (avx512: 32 for bf16, 16 for fp16/fp32; avx2 and scalar: 8); a
-//      chunk updates the accumulator with ONE fixed instruction:
+//   1. K-reduction.  A level has L lanes (avx512: 16, avx2 and neon: 8, scalar: 8 plain floats).
+//      One fp32 accumulator vector per output element starts at +0. K is walked in chunks, always
+//      from k = 0 upward in steps of the chunk size (avx512: 32 for bf16, 16 for fp16/fp32; avx2,
+//      neon and scalar: 8); a chunk updates the accumulator with ONE fixed instruction:
 //        avx512 bf16  acc = vdpbf16ps(acc, x[k:k+32], w[k:k+32])   (lane l: pairs 2l, 2l+1)
-//        avx512 fp16/fp32, avx2 (all)  acc = fma(x[k:k+L], w[k:k+L], acc)   (bf16/fp16 widened
-//                     exactly to fp32 first)
+//        avx512 fp16/fp32, avx2 and neon (all)  acc = fma(x[k:k+L], w[k:k+L], acc)   (bf16/fp16
+//                     widened exactly to fp32 first; neon holds the 8 lanes in two registers and
+//                     so computes exactly avx2's bits)
 //        scalar       acc[l] = acc[l] + x[k+l] * w[k+l], l = 0..7   (two roundings; the
 //                     core builds with -ffp-contract=off, so the compiler may not fuse them)
 //      The last, partial chunk reads zeros beyond K (masked loads; the scalar level simply skips
@@ -34,7 +35,9 @@
 // (run_blocks in linear_impl.h, work units taken from a shared counter), never how an element is
 // computed.
 // Different SIMD levels are different (each fixed) sequences: a process uses one level
-// (simd_level() is read once), and the tests check each level on its own.
+// (simd_level() is read once), and the tests check each level on its own. The self-check of the
+// C++ benchmark binary (margingate_bench --check) also replays the scalar and avx2/neon sequences
+// in plain scalar code and demands the same bits.
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -182,8 +185,9 @@ Status linear(const LinearArgs& a, const Parallel& parallel) {
   // would be one more pass over it; the padding between packed rows is never read.
   std::unique_ptr<float[]> x_wide;
   std::unique_ptr<char[]> x_packed;
+  const bool fp32_x_level = level == SimdLevel::kAvx2 || level == SimdLevel::kNeon;
   const bool widen_x = a.K > 0 && ((a.dtype == DType::kFloat16 && level != SimdLevel::kScalar) ||
-                                   (a.dtype == DType::kBFloat16 && level == SimdLevel::kAvx2));
+                                   (a.dtype == DType::kBFloat16 && fp32_x_level));
   if (widen_x) {
     x_wide.reset(new float[static_cast<size_t>(a.M * a.K)]);
     if (a.dtype == DType::kFloat16) {
@@ -234,9 +238,14 @@ Status linear(const LinearArgs& a, const Parallel& parallel) {
   }
 
   switch (level) {
+#if MARGINGATE_ARCH_X86
     case SimdLevel::kAvx512: linear_avx512(p, parallel); break;
     case SimdLevel::kAvx2: linear_avx2(p, parallel); break;
-    case SimdLevel::kScalar: linear_scalar(p, parallel); break;
+#endif
+#if MARGINGATE_ARCH_ARM64
+    case SimdLevel::kNeon: linear_neon(p, parallel); break;
+#endif
+    default: linear_scalar(p, parallel); break;
   }
   return Status::success();
 }

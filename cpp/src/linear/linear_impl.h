@@ -19,7 +19,8 @@ struct Problem {
   DType dtype = DType::kFloat32;  // storage type of w and y
   int64_t M = 0, N = 0, K = 0;
   // x rows, contiguous along K. Element type: `dtype`, except fp16 at the avx2/avx512 levels,
-  // where the dispatcher has already widened x to fp32 (exact) and `x_is_float` is set.
+  // where the dispatcher has already widened x to fp32 (exact) and `x_is_float` is set; avx2 and neon
+  // also take bf16 x widened.
   const void* x = nullptr;
   int64_t x_row_stride = 0;
   bool x_is_float = false;
@@ -46,8 +47,13 @@ inline void store_output(const Problem& p, int64_t m, int64_t n, float sum) {
 }
 
 void linear_scalar(const Problem& p, const Parallel& parallel);
+#if MARGINGATE_ARCH_X86
 void linear_avx2(const Problem& p, const Parallel& parallel);
 void linear_avx512(const Problem& p, const Parallel& parallel);
+#endif
+#if MARGINGATE_ARCH_ARM64
+void linear_neon(const Problem& p, const Parallel& parallel);
+#endif
 
 }  // namespace margingate::linear_impl
 

@@ -70,7 +70,21 @@ Status margin(DType dtype, const void* logits, int64_t rows, int64_t vocab, int6
   if (vocab < 2) return Status::error("margingate.margin: logits must have at least 2 columns");
   if (vocab > INT32_MAX) return Status::error("margingate.margin: at most 2^31 - 1 columns are supported");
   if (rows == 0) return Status::success();
-  const bool simd = simd_level() == SimdLevel::kAvx512 && col_stride == 1;
+  // The SIMD scans want a contiguous row; any other stride takes the scalar scan (same answer).
+  using Segment = Top2 (*)(DType, const void*, int64_t, int64_t);
+  Segment simd = nullptr;
+  if (col_stride == 1) {
+    switch (simd_level()) {
+#if MARGINGATE_ARCH_X86
+      case SimdLevel::kAvx512: simd = &segment_avx512; break;
+      case SimdLevel::kAvx2: simd = &segment_avx2; break;
+#endif
+#if MARGINGATE_ARCH_ARM64
+      case SimdLevel::kNeon: simd = &segment_neon; break;
+#endif
+      default: break;
+    }
+  }
   const int64_t esize = dtype_size(dtype);
 
   // Split each row into `segments` pieces when there are fewer rows than threads, so a single
@@ -87,7 +101,7 @@ Status margin(DType dtype, const void* logits, int64_t rows, int64_t vocab, int6
       const int64_t r = w / segments, s = w % segments;
       const void* row = static_cast<const char*>(logits) + r * row_stride * esize;
       const int64_t b = s * seg_len, e = std::min(vocab, b + seg_len);
-      parts[w] = simd ? segment_avx512(dtype, row, b, e) : segment_scalar(dtype, row, b, e, col_stride);
+      parts[w] = simd != nullptr ? simd(dtype, row, b, e) : segment_scalar(dtype, row, b, e, col_stride);
     }
   });
   for (int64_t r = 0; r < rows; ++r) {

@@ -48,6 +48,13 @@ inline Top2 merge(Top2 a, const Top2& b) {
 
 // Segment kernels: scan logits[begin, end) of a contiguous row. `dtype` selects the storage.
 Top2 segment_scalar(DType dtype, const void* row, int64_t begin, int64_t end, int64_t col_stride);
+// The SIMD scans read a contiguous row (col_stride 1); each exists only on its architecture.
+#if MARGINGATE_ARCH_X86
+Top2 segment_avx2(DType dtype, const void* row, int64_t begin, int64_t end);
 Top2 segment_avx512(DType dtype, const void* row, int64_t begin, int64_t end);
+#endif
+#if MARGINGATE_ARCH_ARM64
+Top2 segment_neon(DType dtype, const void* row, int64_t begin, int64_t end);
+#endif
 
 }  // namespace margingate::margin_impl
