@@ -63,7 +63,7 @@
 //   This is tighter than the bare distance of the cut-off to its nearest logit, which at top_k = 50
 //   is tiny on most steps (ranks 50 and 51 are close) although an index there almost never wins.
 // Temperature 0: greedy. token, runner_up, margin are those of margingate::margin (top1, top2,
-//   margin); top_k and min_p are ignored; cutoff_margin = +inf.
+//   margin); top_k and min_p are ignored; cutoff_margin = +inf (NaN for a row holding NaN).
 // A row holding NaN: token and runner_up as margingate::margin's (the first NaN, then the second
 //   NaN or the best number), margin and cutoff_margin NaN (the gate verifies it).
 // top_p is not offered: its cut-off is a cumulative sum of softmax probabilities, so whether an

@@ -151,22 +151,22 @@ template <typename T>
 void sample_row(const SamplingArgs& a, int64_t r, bool simd) {
   const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
   const float temperature = a.temperature[r];
-  auto greedy = [&](bool nan_row) {
-    // margingate::margin's exact answer for this row (its NaN rule included).
+  auto greedy = [&]() {
+    // margingate::margin's exact answer for this row (its NaN rule included: margin NaN).
     const Status s = margin(a.dtype, row, 1, a.vocab, 0, a.col_stride, &a.token[r], &a.runner_up[r], &a.margin[r],
                             serial());
     (void)s;  // the arguments were validated by sample_margin
-    a.cutoff_margin[r] = nan_row ? NAN : INFINITY;
+    a.cutoff_margin[r] = std::isnan(a.margin[r]) ? NAN : INFINITY;
   };
   if (temperature == 0.0f) {
-    greedy(false);
+    greedy();
     return;
   }
   RowPlan plan;
   plan.temperature = temperature;
   plan.key = noise::row_key(static_cast<uint64_t>(a.seed[r]), static_cast<uint64_t>(a.position[r]));
   if (!plan_row(row, a.vocab, a.col_stride, a.top_k ? a.top_k[r] : 0, a.min_p ? a.min_p[r] : 0.0f, plan)) {
-    greedy(true);
+    greedy();
     return;
   }
   NoisedTop2 top;
