@@ -434,3 +434,31 @@ def test_seeds_give_different_streams():
         tokens[seed] = stream
         assert stream == [margingate.sample_margin(logits, seed, pos, 1.0)[0].item() for pos in range(20)]
     assert len({tuple(s) for s in tokens.values()}) == 50
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_equals_cpu_bit_for_bit(dtype):
+    """The op is exact (fixed IEEE sequence, selections), so the GPU gives the CPU's bits."""
+    g = torch.Generator().manual_seed(4)
+    rows, vocab = 12, 131072 + 3
+    logits = (torch.randn(rows, vocab, generator=g) * 4).round(decimals=1).to(dtype)
+    logits[1, 77] = math.nan
+    logits[2] = -math.inf
+    logits[2, 5] = 0.0
+    seed = torch.randint(-(2**62), 2**62, (rows,), generator=g)
+    position = torch.arange(rows) * 13
+    temps = torch.tensor([0.7, 1.0, 0.7, 0.0, 1.3, 0.05, 0.7, 1.0, 2.0, 0.7, 0.7, 1.0])
+    top_k = torch.tensor([50, 0, 3, 5, 0, 1, 4097, 20, 200, 0, 2, vocab])
+    min_p = torch.tensor([0.0, 0.05, 0.0, 0.1, 0.02, 0.0, 0.01, 0.3, 0.0, 1.0, 0.0, 0.0])
+    for layout in ("contiguous", "transposed"):
+        x = logits if layout == "contiguous" else logits.t().contiguous().t()
+        cpu = margingate.sample_margin(x, seed, position, temps, top_k, min_p)
+        gpu = margingate.sample_margin(
+            x.cuda(), seed.cuda(), position.cuda(), temps.cuda(), top_k.cuda(), min_p.cuda()
+        )
+        assert_same([t.cpu() for t in gpu], cpu)
+    assert torch.equal(
+        noise.gumbel_noise(5, 6, torch.arange(1000, device="cuda")).cpu(), noise.gumbel_noise(5, 6, torch.arange(1000))
+    )

@@ -171,7 +171,7 @@ void sample_row(const SamplingArgs& a, int64_t r, bool simd) {
   }
   NoisedTop2 top;
   if (simd) {
-    noised_top2_avx512(a.dtype, row, a.vocab, plan, top);
+    noised_top2_avx2(a.dtype, row, a.vocab, plan, top);
   } else {
     noised_top2_scalar(row, a.vocab, a.col_stride, plan, top);
   }
@@ -217,7 +217,8 @@ Status sample_margin(const SamplingArgs& a, const Parallel& parallel) {
   Status status = sample_margin_validate(a);
   if (!status.ok() || a.rows == 0) return status;
   (void)table();  // build the bound table once, before the threads race for it
-  const bool simd = simd_level() == SimdLevel::kAvx512 && a.col_stride == 1;
+  // The AVX2 pass serves AVX-512 machines too (see sampling_avx2.cpp).
+  const bool simd = simd_level() >= SimdLevel::kAvx2 && a.col_stride == 1;
   parallel.for_range(a.rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       switch (a.dtype) {

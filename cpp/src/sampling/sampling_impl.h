@@ -105,7 +105,7 @@ inline float noised(float x, float temperature, uint64_t key, int64_t i) {
   return x / temperature + noise::gumbel_from_bits(noise::bits(key, static_cast<uint64_t>(i)));
 }
 
-// AVX-512 pass 2 over a contiguous row: the same NoisedTop2 the scalar pass gives, bit for bit.
-void noised_top2_avx512(DType dtype, const void* row, int64_t vocab, const RowPlan& plan, NoisedTop2& top);
+// AVX2 pass 2 over a contiguous row: the same NoisedTop2 the scalar pass gives, bit for bit.
+void noised_top2_avx2(DType dtype, const void* row, int64_t vocab, const RowPlan& plan, NoisedTop2& top);
 
 }  // namespace margingate::sampling_impl
