@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from tests.reference_sampling import torch_sample
 
 import margingate
-from tests.reference_sampling import torch_sample
 
 from .harness import geomean, measure, print_table
 
@@ -46,7 +46,7 @@ def run(quick: bool = False, dtypes: tuple[str, ...] = ("bf16",)) -> list[dict[s
                             "margingate": lambda x=logits, s=seed, q=position, T=temps, k=k, p=p: (
                                 margingate.sample_margin(x, s, q, T, k, p)
                             ),
-                            "torch": lambda x=logits: torch_sample(x, temperature, top_k, min_p),
+                            "torch": lambda x=logits, k=top_k, p=min_p: torch_sample(x, temperature, k, p),
                         },
                         repeats=5 if quick else 9,
                     )

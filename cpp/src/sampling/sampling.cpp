@@ -49,51 +49,50 @@ inline float load(const T* row, int64_t c, int64_t col_stride) {
 
 // Pass 1: NaN check, maximum and the top-k cut-off. Returns false for a row holding NaN.
 template <typename T>
-bool plan_row(const T* row, int64_t vocab, int64_t col_stride, int64_t k, float min_p, RowPlan& plan) {
+bool plan_row(const T* row, int64_t vocab, int64_t col_stride, int64_t k, float min_p, bool simd, DType dtype,
+              RowPlan& plan) {
   float max_value = -INFINITY;
   const bool want_top_k = k > 0 && k < vocab;
-  const size_t heap_size = want_top_k ? static_cast<size_t>(k + 1) : 0;
-  const bool use_heap = want_top_k && heap_size <= 4096;
-  std::vector<uint64_t> keys;
-  if (use_heap) {
-    keys.reserve(heap_size);
-  } else if (want_top_k) {
-    keys.resize(static_cast<size_t>(vocab));
-  }
-  float heap_floor = -INFINITY;  // value of the heap's minimum once full
-  for (int64_t c = 0; c < vocab; ++c) {
-    const float x = load(row, c, col_stride);
-    if (std::isnan(x)) return false;
-    max_value = x > max_value ? x : max_value;
-    if (use_heap) {
-      // Later indices lose ties, so once the heap is full only a strictly larger value enters.
-      if (keys.size() < heap_size) {
-        keys.push_back(order_key(x, c));
-        std::push_heap(keys.begin(), keys.end(), std::greater<uint64_t>());
-        if (keys.size() == heap_size) heap_floor = key_value(keys.front());
-      } else if (x > heap_floor) {
-        std::pop_heap(keys.begin(), keys.end(), std::greater<uint64_t>());
-        keys.back() = order_key(x, c);
-        std::push_heap(keys.begin(), keys.end(), std::greater<uint64_t>());
-        heap_floor = key_value(keys.front());
+  if (want_top_k && k + 1 <= 4096) {
+    // A min-heap of the k + 1 largest keys: its minimum is the (k+1)-th, the next one the k-th.
+    TopKHeap heap(static_cast<size_t>(k + 1));
+    if (simd) {
+      if (!max_and_top_k_avx2(dtype, row, vocab, max_value, &heap)) return false;
+    } else {
+      for (int64_t c = 0; c < vocab; ++c) {
+        const float x = load(row, c, col_stride);
+        if (std::isnan(x)) return false;
+        max_value = x > max_value ? x : max_value;
+        heap.offer(x, c);
       }
-    } else if (want_top_k) {
+    }
+    std::pop_heap(heap.keys.begin(), heap.keys.end(), std::greater<uint64_t>());
+    plan.next_key = heap.keys.back();
+    heap.keys.pop_back();
+    plan.kth_key = heap.keys.front();
+  } else if (want_top_k) {
+    // Large k: a selection over a copy of the row's keys, O(V).
+    std::vector<uint64_t> keys(static_cast<size_t>(vocab));
+    for (int64_t c = 0; c < vocab; ++c) {
+      const float x = load(row, c, col_stride);
+      if (std::isnan(x)) return false;
+      max_value = x > max_value ? x : max_value;
       keys[static_cast<size_t>(c)] = order_key(x, c);
+    }
+    std::nth_element(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
+    plan.next_key = keys[static_cast<size_t>(k)];
+    plan.kth_key = *std::min_element(keys.begin(), keys.begin() + k);
+  } else if (simd) {
+    if (!max_and_top_k_avx2(dtype, row, vocab, max_value, nullptr)) return false;
+  } else {
+    for (int64_t c = 0; c < vocab; ++c) {
+      const float x = load(row, c, col_stride);
+      if (std::isnan(x)) return false;
+      max_value = x > max_value ? x : max_value;
     }
   }
   plan.max_value = max_value;
   if (want_top_k) {
-    if (use_heap) {
-      // keys is a min-heap of the k + 1 largest: its minimum is the (k+1)-th, the next one the k-th.
-      std::pop_heap(keys.begin(), keys.end(), std::greater<uint64_t>());
-      plan.next_key = keys.back();
-      keys.pop_back();
-      plan.kth_key = keys.front();
-    } else {
-      std::nth_element(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
-      plan.next_key = keys[static_cast<size_t>(k)];
-      plan.kth_key = *std::min_element(keys.begin(), keys.begin() + k);
-    }
     plan.top_k = true;
     plan.kth_value = key_value(plan.kth_key);
     plan.next_value = key_value(plan.next_key);
@@ -111,38 +110,25 @@ template <typename T>
 void noised_top2_scalar(const T* row, int64_t vocab, int64_t col_stride, const RowPlan& plan, NoisedTop2& top) {
   const float* bound = table().bound;
   const float bound_max = bound[(1 << kBoundBits) - 1];
-  const float t = plan.temperature;
   const bool truncated = plan.truncated();
   for (int64_t c = 0; c < vocab; ++c) {
     const float x = load(row, c, col_stride);
     if (truncated && !plan.inside(x, c)) continue;
-    const float xs = x / t;
+    const float xs = x / plan.temperature;
     if (!top.may_enter(xs + bound_max)) continue;
-    const uint64_t h = noise::bits(plan.key, static_cast<uint64_t>(c));
-    if (!top.may_enter(xs + bound[h >> (64 - kBoundBits)])) continue;
-    top.offer(xs + noise::gumbel_from_bits(h), c);
+    noised_step(plan, bound, xs, c, top);
   }
 }
 
-// Pass 3: cutoff_margin = min(D_token, min over outside i of max(D_i, E_i)) (sampling.h). Most
-// indices are rejected by D_i >= best alone; the noise is bounded before it is computed.
+// Pass 3 (scalar): cutoff_margin = min(D_token, min over outside i of max(D_i, E_i)) (sampling.h).
 template <typename T>
-float cutoff_margin_row(const T* row, int64_t vocab, int64_t col_stride, const RowPlan& plan, float token_value,
-                        float token_score) {
+float cutoff_margin_scalar(const T* row, int64_t vocab, int64_t col_stride, const RowPlan& plan, float token_score,
+                           float best) {
   const float* bound = table().bound;
-  const float t = plan.temperature;
-  float best = plan.distance_inside(token_value);
-  // E_i for a score s_i (or a bound of it): T * (s_token - s_i), 0 when s_i >= s_token.
-  auto excess = [&](float s) { return s >= token_score ? 0.0f : t * (token_score - s); };
   for (int64_t c = 0; c < vocab && best > 0.0f; ++c) {
     const float x = load(row, c, col_stride);
     if (plan.inside(x, c)) continue;
-    const float d = plan.distance_outside(x, c);
-    if (!(d < best)) continue;
-    const float xs = x / t;
-    const uint64_t h = noise::bits(plan.key, static_cast<uint64_t>(c));
-    if (!(std::fmax(d, excess(xs + bound[h >> (64 - kBoundBits)])) < best)) continue;
-    best = std::fmin(best, std::fmax(d, excess(xs + noise::gumbel_from_bits(h))));
+    cutoff_step(plan, bound, x, c, token_score, best);
   }
   return best;
 }
@@ -165,7 +151,8 @@ void sample_row(const SamplingArgs& a, int64_t r, bool simd) {
   RowPlan plan;
   plan.temperature = temperature;
   plan.key = noise::row_key(static_cast<uint64_t>(a.seed[r]), static_cast<uint64_t>(a.position[r]));
-  if (!plan_row(row, a.vocab, a.col_stride, a.top_k ? a.top_k[r] : 0, a.min_p ? a.min_p[r] : 0.0f, plan)) {
+  if (!plan_row(row, a.vocab, a.col_stride, a.top_k ? a.top_k[r] : 0, a.min_p ? a.min_p[r] : 0.0f, simd, a.dtype,
+                plan)) {
     greedy();
     return;
   }
@@ -178,9 +165,13 @@ void sample_row(const SamplingArgs& a, int64_t r, bool simd) {
   a.token[r] = top.i1;
   a.runner_up[r] = top.i2;
   a.margin[r] = top.i2 < 0 ? INFINITY : (top.s1 == top.s2 ? 0.0f : temperature * (top.s1 - top.s2));
-  a.cutoff_margin[r] =
-      plan.truncated() ? cutoff_margin_row(row, a.vocab, a.col_stride, plan, load(row, top.i1, a.col_stride), top.s1)
-                       : INFINITY;
+  if (!plan.truncated()) {
+    a.cutoff_margin[r] = INFINITY;
+    return;
+  }
+  const float best = plan.distance_inside(load(row, top.i1, a.col_stride));
+  a.cutoff_margin[r] = simd ? cutoff_margin_avx2(a.dtype, row, a.vocab, plan, top.s1, best)
+                            : cutoff_margin_scalar(row, a.vocab, a.col_stride, plan, top.s1, best);
 }
 
 }  // namespace

@@ -2,8 +2,11 @@
 // noise bound table and the running noised top-2, shared by the scalar and AVX-512 scans.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 #include "margingate/sampling.h"
 
@@ -100,12 +103,57 @@ struct NoisedTop2 {
   }
 };
 
-// s_i = fp32(fp32(x / T) + g) for an index already known to be a candidate.
-inline float noised(float x, float temperature, uint64_t key, int64_t i) {
-  return x / temperature + noise::gumbel_from_bits(noise::bits(key, static_cast<uint64_t>(i)));
+// The k + 1 largest order keys seen so far (a min-heap), for pass 1 with a small k.
+struct TopKHeap {
+  size_t capacity = 0;
+  std::vector<uint64_t> keys;
+  float floor = -INFINITY;  // value of the minimum once full: only a strictly larger value enters
+
+  explicit TopKHeap(size_t k_plus_1) : capacity(k_plus_1) { keys.reserve(k_plus_1); }
+  bool full() const { return keys.size() == capacity; }
+  // Offers index c (increasing from call to call, so later indices lose ties).
+  void offer(float x, int64_t c) {
+    if (!full()) {
+      keys.push_back(order_key(x, c));
+      std::push_heap(keys.begin(), keys.end(), std::greater<uint64_t>());
+    } else if (x > floor) {
+      std::pop_heap(keys.begin(), keys.end(), std::greater<uint64_t>());
+      keys.back() = order_key(x, c);
+      std::push_heap(keys.begin(), keys.end(), std::greater<uint64_t>());
+    } else {
+      return;
+    }
+    if (full()) floor = key_value(keys.front());
+  }
+};
+
+// One index of pass 2: xs = fp32(x / T) of a candidate.
+inline void noised_step(const RowPlan& plan, const float* bound, float xs, int64_t c, NoisedTop2& top) {
+  const uint64_t h = noise::bits(plan.key, static_cast<uint64_t>(c));
+  if (!top.may_enter(xs + bound[h >> (64 - kBoundBits)])) return;
+  top.offer(xs + noise::gumbel_from_bits(h), c);
 }
 
-// AVX2 pass 2 over a contiguous row: the same NoisedTop2 the scalar pass gives, bit for bit.
+// One outside index of pass 3: best = min(best, max(D_i, E_i)), the noise bounded before it is
+// computed. E for a score s (or a bound of it) is T * (s_token - s), 0 when s >= s_token; a bound
+// of s gives a lower bound of E (monotone rounding), so the skip is exact.
+inline void cutoff_step(const RowPlan& plan, const float* bound, float x, int64_t c, float token_score, float& best) {
+  const float d = plan.distance_outside(x, c);
+  if (!(d < best)) return;
+  const float t = plan.temperature;
+  auto excess = [&](float s) { return s >= token_score ? 0.0f : t * (token_score - s); };
+  const float xs = x / t;
+  const uint64_t h = noise::bits(plan.key, static_cast<uint64_t>(c));
+  if (!(std::fmax(d, excess(xs + bound[h >> (64 - kBoundBits)])) < best)) return;
+  best = std::fmin(best, std::fmax(d, excess(xs + noise::gumbel_from_bits(h))));
+}
+
+// AVX2 versions of the passes over a contiguous row, bit for bit the scalar passes' results.
+// Pass 1: false for a row holding NaN; else the maximum, and every index that can enter `heap`
+// (if any) offered to it in increasing order.
+bool max_and_top_k_avx2(DType dtype, const void* row, int64_t vocab, float& max_value, TopKHeap* heap);
 void noised_top2_avx2(DType dtype, const void* row, int64_t vocab, const RowPlan& plan, NoisedTop2& top);
+float cutoff_margin_avx2(DType dtype, const void* row, int64_t vocab, const RowPlan& plan, float token_score,
+                         float best);
 
 }  // namespace margingate::sampling_impl
