@@ -76,8 +76,11 @@
 // the row, O(V)); one pass hashing every candidate and bounding its noise from the top 12 bits of
 // its hash with a table (exact: an index whose bound cannot beat the running second best is
 // skipped, so only a handful of indices per row pay for the two logarithms); and, with truncation,
-// one more pass that mostly compares logits with the best cutoff_margin so far. Rows are
-// independent, so results never depend on the batch, the thread count or the SIMD level.
+// one more pass that mostly compares logits with the best cutoff_margin so far. The three passes
+// have AVX2 forms for contiguous rows (cpp/src/sampling/sampling_avx2.cpp, also used on AVX-512
+// machines) that only decide what to skip and leave every kept index to the scalar arithmetic.
+// Rows are independent and run in parallel; a row is never split, so results never depend on the
+// batch, the thread count or the SIMD level (and B = 1 uses one thread).
 #pragma once
 
 #include <cstdint>
