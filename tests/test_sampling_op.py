@@ -437,6 +437,12 @@ def test_seeds_give_different_streams():
 
 
 # ----------------------------------------------------------------------------- CUDA
+def test_cuda_kernel_is_registered():
+    """CUDA builds register the kernel; CPU-only builds register the clear "no CUDA kernels" error."""
+    handle = torch.ops.margingate.sample_margin.default
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(handle.name(), "CUDA")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_equals_cpu_bit_for_bit(dtype):
