@@ -233,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W",
         help="tokens between two checks of the window policy (LLM-42's default: 64)",
     )
+    sample = check.add_argument_group("sampling (default: greedy)")
+    sample.add_argument("--temperature", type=_threshold_value, default=0.0, metavar="T",
+                        help="sample at temperature T > 0 (seeded Gumbel-max); 0 = greedy")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i gets its own stream)")
+    sample.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K largest logits")
+    sample.add_argument("--min-p", type=_threshold_value, default=None, metavar="P",
+                        help="keep logits whose probability is at least P x the largest")
     check.add_argument(
         "--strict",
         action="store_true",
@@ -762,6 +769,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     prompts = _encode_prompts(raw_prompts, tokenizer, model)
     if threshold is None:
         threshold, source = default_threshold(model)
+    sampling = None
+    if args.temperature > 0 or args.top_k or args.min_p:
+        from .sampling import Sampling
+
+        try:
+            Sampling.checked(args.temperature, args.top_k, args.min_p, None, "--temperature/--top-k/--min-p")
+        except (TypeError, ValueError) as err:
+            raise UsageError(str(err)) from None
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed}
     eos, pad = _eos_and_pad(model, tokenizer)
     n = len(prompts)
     all_policies = list(dict.fromkeys(["off", *policies]))
@@ -769,13 +785,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     _say(
         args,
         f"check: {n} prompts x {args.max_new_tokens} new tokens, configurations {configs}, "
-        f"policies {', '.join(all_policies)}, threshold {threshold:.4g} ({source})",
+        f"policies {', '.join(all_policies)}, threshold {threshold:.4g} ({source})"
+        + (f", sampling {sampling}" if sampling else ", greedy"),
     )
     bar = _progress(args, len(args.batch_sizes) * len(all_policies), "check")
     try:
         report = check_report(
             model, prompts, policies=all_policies, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
             threshold=threshold, window=args.window, eos=eos, pad_id=pad, on_run=_ticker(bar),
+            sampling=sampling,
         )
     finally:
         _close(bar)

@@ -39,23 +39,20 @@ import torch
 from . import hf_compat
 from .batching import encode_prompts, left_pad, position_ids
 from .canonical import canonical_forward
-from .ops import margin
 from .policies import POLICIES, check_policy, check_threshold
 from .processor import MarginGateProcessor, summarize
+from .sampling import Sampling, check_seeds, choose
 from .verifier import Verifier
 
 DEFAULT_WINDOW = 64  # LLM-42's default window
 
 _WHERE = "margingate.generate"
 
-# Arguments of transformers' generate that this greedy loop refuses, with the reason.
+# Arguments of transformers' generate that this loop refuses, with the reason.
 _REFUSED = {
-    "do_sample": "sampling is not supported yet: margingate makes greedy (temperature 0) decoding deterministic",
-    "temperature": "sampling is not supported yet: margingate makes greedy (temperature 0) decoding deterministic",
-    "top_k": "sampling is not supported yet: margingate makes greedy (temperature 0) decoding deterministic",
-    "top_p": "sampling is not supported yet: margingate makes greedy (temperature 0) decoding deterministic",
-    "num_beams": "beam search is not supported; margingate decodes greedily",
-    "num_return_sequences": "one sequence per prompt: pass a prompt several times instead",
+    "num_beams": "beam search is not supported; margingate decodes one sequence per prompt",
+    "num_return_sequences": "one sequence per prompt: pass a prompt several times (with its own seed) instead",
+    "do_sample": "pass temperature > 0 (and seed=) to sample; do_sample alone says nothing about how",
 }
 
 
@@ -65,10 +62,8 @@ def _harmless(key: str, value: Any) -> bool:
         return key == "do_sample" and value is False
     if value is None:
         return True
-    if key in ("num_beams", "num_return_sequences", "top_p"):
+    if key in ("num_beams", "num_return_sequences"):
         return isinstance(value, int | float) and value == 1
-    if key in ("temperature", "top_k"):
-        return isinstance(value, int | float) and value == 0
     return False
 
 
@@ -121,6 +116,11 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     streamer: Any = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    top_p: float | None = None,
+    seed: int | Sequence[int] = 0,
     **unsupported: Any,
 ) -> GenerationResult:
     """Greedy decoding of ``prompts`` under ``policy`` (one of ``margingate.POLICIES``).
@@ -131,6 +131,10 @@ def generate(
     the model's shipped calibration. ``window`` (``window`` only): tokens between two checks.
     ``streamer``: a callable ``streamer(prompt_index, tokens)`` or an object with such a ``put``
     method (and optionally ``end()``), called with each prompt's tokens as they become final.
+    ``temperature`` > 0 samples (seeded Gumbel-max, ``margingate.sampling``) with optional
+    ``top_k`` / ``min_p``; ``seed`` is an int (prompt i gets its own stream ``prompt_seed(seed, i)``)
+    or one int per prompt, so a prompt's tokens depend on its seed alone, in any batch and under
+    every policy but ``off``. ``top_p`` is refused (no margin can gate its cut-off).
     Every argument is checked before anything runs; a bad one raises ``ValueError`` or
     ``TypeError`` and leaves the model as it was.
     """
@@ -149,7 +153,9 @@ def generate(
     _check_count(batch_size, "batch_size", allow_none=True)
     _check_count(window, "window")
     put = _streamer_put(streamer)
+    sampling = Sampling.checked(temperature, top_k, min_p, top_p, _WHERE)
     encoded = encode_prompts(prompts, tokenizer, hf_compat.vocab_size(model), _WHERE)
+    seeds = check_seeds(seed, len(encoded), _WHERE)
     eos = hf_compat.as_token_ids(eos_token_id) if eos_token_id is not None else hf_compat.eos_ids(model, tokenizer)
     if not stop_at_eos:
         eos = []
@@ -187,6 +193,8 @@ def generate(
                 record_margins=record_margins,
                 put=None if put is None else (lambda r, tokens, chunk=chunk: put(chunk[r], tokens)),
                 bar=bar,
+                sampling=sampling,
+                seeds=[seeds[i] for i in chunk],
             )
             seconds += time.perf_counter() - t0
             threshold_used = out.threshold
@@ -204,6 +212,7 @@ def generate(
             streamer.end()
     totals = summarize(per_row, policy=policy, threshold=threshold_used, seconds=seconds)
     totals["prefill"] = "fast" if policy == "off" else "canonical"
+    totals["sampling"] = dataclasses.asdict(sampling)
     if policy == "window":
         rolled = sum(r["rolled_back"] for r in per_row)
         totals.update(window=window, rolled_back=rolled, rollback_rate=rolled / (rolled + totals["steps"] or 1), **extras)
@@ -274,6 +283,8 @@ def _decode_gated(
     record_margins: bool,
     put,
     bar: Any,
+    sampling: Sampling,
+    seeds: list[int],
 ) -> _Outcome:
     """One left-padded batch under a per-step policy (``off``, ``margin``, ``always``, ``invariant``):
     every token is final at its own step."""
@@ -292,6 +303,8 @@ def _decode_gated(
         canonical_upto=prompt_length if canonical_prefill else 0,
         eos_token_id=eos,
         record_margins=record_margins,
+        sampling=sampling,
+        seeds=seeds,
     )
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     eos_set = set(eos)
@@ -301,8 +314,8 @@ def _decode_gated(
         logits = _forward(model, ids, mask, cache, canonical=canonical_prefill)
         for step in range(max_new_tokens):
             produced = time.perf_counter()
-            scores = proc(ids, logits)
-            token = scores.argmax(dim=-1)
+            proc(ids, logits)
+            token = proc.last_tokens.to(device)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
@@ -337,6 +350,8 @@ def _decode_window(
     record_margins: bool,
     put,
     bar: Any,
+    sampling: Sampling,
+    seeds: list[int],
 ) -> _Outcome:
     """One left-padded batch under ``window``: fast decoding, a canonical check of every row's
     unverified tokens every ``window`` tokens (and when every row has stopped), commit up to the
@@ -382,12 +397,19 @@ def _decode_window(
         if bar is not None:
             bar.update(len(tokens))
 
+    seeds_t = torch.tensor(seeds, dtype=torch.long)
+
+    def pick(logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        token, gate = choose(logits, sampling, None if sampling.greedy else seeds_t[rows], positions)
+        return token.cpu(), gate.cpu()
+
+    all_rows = torch.arange(batch)
     with torch.inference_mode():
         logits = _forward(model, ids, mask, cache, canonical=True)
-        first = logits.argmax(dim=-1)
+        first, first_margin = pick(logits, mask.sum(dim=1), all_rows)
         for b in range(batch):
             commit(b, [int(first[b])], [time.perf_counter()])
-            margins[b].append(float(margin(logits[b : b + 1])[2]))
+            margins[b].append(float(first_margin[b]))
         append(first)
         last_check = ids.shape[1]
         while not all(done(b) for b in range(batch)):
@@ -400,7 +422,13 @@ def _decode_window(
                 rows = [b for b in range(batch) if not done(b)]
                 rows_t = torch.tensor(rows, dtype=torch.long)
                 start = int(verifier.canonical_upto[rows_t].min())
-                predicted = verifier.replay_(ids, mask, rows_t, start).argmax(dim=-1).cpu().tolist()
+                replayed = verifier.replay_(ids, mask, rows_t, start)  # [R, length - start, V]
+                # position of the token each replayed logit row chooses: real tokens before it
+                positions = mask.index_select(0, rows_t.to(device)).cumsum(dim=1)[:, start:]
+                span = replayed.shape[1]
+                predicted = pick(
+                    replayed.reshape(-1, replayed.shape[-1]), positions.reshape(-1), rows_t.repeat_interleave(span)
+                )[0].view(len(rows), span).tolist()
                 extras["verify_passes"] += 1
                 cut, following = length, {}
                 for i, b in enumerate(rows):
@@ -449,8 +477,7 @@ def _decode_window(
             # -- a fast step: forward the last token, choose the next (forced where already final)
             logits = _forward(model, ids[:, -1:], mask, cache, canonical=False)
             produced = time.perf_counter()
-            fast = logits.argmax(dim=-1).cpu()
-            fast_margin = margin(logits)[2].cpu()
+            fast, fast_margin = pick(logits, mask.sum(dim=1), all_rows)
             position = length - prompt_length
             token = torch.full((batch,), pad_id, dtype=torch.long)
             forced_any = False

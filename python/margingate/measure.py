@@ -26,6 +26,7 @@ import torch
 
 from .generation import DEFAULT_WINDOW, generate
 from .policies import EXACT_POLICIES
+from .sampling import prompt_seed
 
 QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50)
 
@@ -54,10 +55,16 @@ def decode_config(
     eos: Sequence[int] = (),
     pad_id: int = 0,
     record_margins: bool = False,
+    sampling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One configuration: ``generate`` over the prompts in ``config_order``; the result back in
-    prompt order as ``{"sequences", "margins", "stats", "seconds"}``."""
+    prompt order as ``{"sequences", "margins", "stats", "seconds"}``. ``sampling``: ``temperature``,
+    ``top_k``, ``min_p``, ``seed`` (an int: prompt i keeps the stream ``prompt_seed(seed, i)`` of its
+    index in ``prompts``, whatever its place in the configuration)."""
     order = config_order(len(prompts), batch_size)
+    sampling = dict(sampling or {})
+    seed = sampling.pop("seed", 0)
+    seeds = [prompt_seed(seed, i) for i in order]
     result = generate(
         model,
         [list(prompts[i]) for i in order],
@@ -70,6 +77,8 @@ def decode_config(
         eos_token_id=list(eos),
         stop_at_eos=bool(eos),
         pad_token_id=pad_id,
+        seed=seeds,
+        **sampling,
     )
     n = len(order)
     sequences: list[list[int]] = [[] for _ in range(n)]
@@ -252,6 +261,7 @@ def check_report(
     eos: Sequence[int] = (),
     pad_id: int = 0,
     on_run: Callable[[str], None] | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Decodes ``prompts`` in every configuration under every policy (``off`` first; interleaved
     configuration-major, so machine noise hits every policy alike) and reports per policy: prompts
@@ -271,7 +281,7 @@ def check_report(
                 on_run(f"{policy}, {config_name(b)}")
             results[policy][b] = decode_config(
                 model, prompts, policy=policy, batch_size=b, max_new_tokens=max_new_tokens, threshold=threshold,
-                window=window, eos=eos, pad_id=pad_id, record_margins=(policy == "off"),
+                window=window, eos=eos, pad_id=pad_id, record_margins=(policy == "off"), sampling=sampling,
             )
     reference = batch_sizes[0]
     off_seconds = sum(results["off"][b]["seconds"] for b in batch_sizes)
@@ -339,6 +349,7 @@ def check_report(
         "batch_sizes": list(batch_sizes),
         "reference_batch_size": reference,
         "threshold": threshold,
+        "sampling": dict(sampling or {"temperature": 0.0}),
         "policies": per_policy,
         "increment_ratio_window_over_margin": ratios["window"],
         "increment_ratio_always_over_margin": ratios["always"],

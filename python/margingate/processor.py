@@ -20,8 +20,8 @@ from transformers.cache_utils import DynamicCache
 
 from . import hf_compat
 from .batching import check_left_padded
-from .ops import margin
 from .policies import check_policy, check_threshold, default_threshold
+from .sampling import Sampling, choose
 from .verifier import Verifier
 
 _NAME = "margingate.MarginGateProcessor"
@@ -63,6 +63,10 @@ class MarginGateProcessor(LogitsProcessor):
         record_margins: keep every step's fast-path margin per row (``margins``).
         piggyback: when rows are flagged, also replay the unflagged rows whose canonical frontier
             is not behind theirs (same window, one forward); ``False`` replays the flagged rows only.
+        sampling, seeds: temperature > 0: seeded Gumbel-max sampling (``margingate.sampling``) with
+            one seed per row; the gate then reads the noised margin and the truncation cut-off's
+            margin, and the returned scores force the sampled token (0 there, -inf elsewhere), so
+            ``generate(do_sample=True)`` or greedy selection after it picks exactly that token.
     """
 
     def __init__(
@@ -77,6 +81,8 @@ class MarginGateProcessor(LogitsProcessor):
         eos_token_id: int | Sequence[int] | None = None,
         record_margins: bool = False,
         piggyback: bool = True,
+        sampling: Sampling | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> None:
         check_policy(policy, _NAME, PROCESSOR_POLICIES)
         check_threshold(threshold, _NAME)
@@ -101,7 +107,11 @@ class MarginGateProcessor(LogitsProcessor):
         self.eos_token_id = torch.tensor(hf_compat.as_token_ids(eos_token_id), dtype=torch.long)
         self.record_margins = record_margins
         self.piggyback = piggyback
-
+        self.sampling = sampling or Sampling()
+        if not self.sampling.greedy and seeds is None:
+            raise ValueError(f"{_NAME}: sampling at temperature > 0 needs seeds= (one int per row)")
+        self.seeds = None if seeds is None else torch.tensor(list(seeds), dtype=torch.long)
+        self.last_tokens: torch.Tensor | None = None  # [B]: the tokens of the last call
         # Per-generation state, set at the first call.
         self.verifier: Verifier | None = None
         self.prompt_length: int | None = None
@@ -128,21 +138,22 @@ class MarginGateProcessor(LogitsProcessor):
         self.steps += active.long()
         self.verified_rows.append([])
         self.verify_starts.append(None)
-        if self.policy == "off" and not self.record_margins:
-            return scores
-        top1, _, fast_margin = margin(scores)
+        # The position of the token being chosen: real tokens before it in its own row (no padding).
+        positions = self._mask.sum(dim=1)
+        token, fast_margin = choose(scores, self.sampling, self.seeds, positions)
+        self.last_tokens = token
         fast_margin = fast_margin.cpu()
         if self.record_margins:
             self.margins.append(torch.where(active, fast_margin, torch.nan))
         if self.policy == "off":
-            return scores
+            return self._out(scores, token)
 
         # Rows whose frontier covers this position were computed canonically (a canonical prefill
         # at step 0): nothing to verify. NaN margins fail `>=` and are verified.
         stale = self.verifier.canonical_upto < length
         flagged = active & stale & ~(fast_margin >= self.threshold)
         if not bool(flagged.any()):
-            return scores
+            return self._out(scores, token)
         # Rows whose canonical frontier is not behind the flagged rows' join the replay: it does not
         # get longer, one forward reads the weights for all of them, and their frontiers catch up,
         # so later windows stay short. (Without this, at batch 16 some row was flagged at most steps
@@ -154,7 +165,11 @@ class MarginGateProcessor(LogitsProcessor):
         verified = self.verifier.verify_(input_ids, self._mask, rows)
         verified = verified.to(dtype=scores.dtype, device=scores.device)
         rows_dev = rows.to(scores.device)
-        changed = (verified.argmax(dim=-1) != top1.index_select(0, rows_dev)).cpu()
+        seeds = None if self.seeds is None else self.seeds[rows]
+        verified_token, _ = choose(verified, self.sampling, seeds, positions.index_select(0, rows_dev))
+        changed = (verified_token != token.index_select(0, rows_dev)).cpu()
+        token = token.index_copy(0, rows_dev, verified_token)
+        self.last_tokens = token
         self.verified[rows] += 1
         self.triggered += flagged.long()
         self.verified_rows[-1] = rows.tolist()
@@ -163,7 +178,14 @@ class MarginGateProcessor(LogitsProcessor):
         for row in rows[changed].tolist():
             self.repair_events.append((row, step, float(fast_margin[row])))
         # Out of place: the caller may keep the raw logits tensor.
-        return scores.index_copy(0, rows_dev, verified)
+        return self._out(scores.index_copy(0, rows_dev, verified), token)
+
+    def _out(self, scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """Greedy: the (partly verified) scores. Sampling: scores that force the sampled token."""
+        if self.sampling.greedy:
+            return scores
+        forced = torch.full_like(scores, -math.inf)
+        return forced.scatter_(1, token[:, None], 0.0)
 
     def _follow(self, input_ids: torch.Tensor) -> None:
         """Starts the generation at the first call; afterwards checks the call extends the last one
