@@ -135,7 +135,7 @@ def test_kv_patch_opcheck():
 def test_build_info_reports_the_build():
     info = margingate.build_info()
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert info["simd"] in ("scalar", "avx2", "avx512")
+    assert info["simd"] in ("scalar", "avx2", "avx512", "neon")
     assert isinstance(info["cuda"], bool)
     assert info["compiler"]
 
