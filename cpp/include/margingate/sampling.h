@@ -22,8 +22,9 @@
 // platform: glibc's log and CUDA's log (libdevice) are both accurate to about 1 ulp but do not
 // promise the same last bit, and one different bit of g can flip a sampled token. log_mg uses only
 // IEEE +, -, *, / (each correctly rounded on every conforming CPU and GPU), no fused multiply-add
-// (the core compiles with -ffp-contract=off, the CUDA code uses __dadd_rn/__dmul_rn/__ddiv_rn,
-// which nvcc never contracts), no libm and no fast-math, so CPU scalar, AVX-512, CUDA and the
+// (the core compiles with -ffp-contract=off, and so must any other code that calls these inline
+// functions with FMA instructions enabled; the CUDA code uses __dadd_rn/__dmul_rn/__ddiv_rn,
+// which nvcc never contracts), no libm and no fast-math, so CPU scalar, AVX2, CUDA and the
 // plain-torch float64 reference (python/margingate/noise.py) agree bit for bit. It is fdlibm's
 // e_log.c algorithm, for a positive normal x:
 //   k = exponent of x, m = its 52 mantissa bits; if m >= 0x6A09E00000000 (mantissa >= ~sqrt 2):
