@@ -35,8 +35,9 @@ def declared_range() -> tuple[Version, Version]:
     text = " ".join(r for r in requirements if r.startswith("transformers"))
     if not text:
         text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
-    low = re.search(r"transformers>=([0-9.]+)", text).group(1)
-    high = re.search(r"transformers>=[0-9.]+,<([0-9.]+)", text).group(1)
+    spec = re.search(r"transformers\s*([<>=,.0-9\s]+)", text).group(1)  # e.g. ">=5.17,<6" or "<6,>=5.17"
+    low = re.search(r">=\s*([0-9.]+)", spec).group(1)
+    high = re.search(r"<\s*([0-9.]+)", spec).group(1)
     return Version(low), Version(high)
 
 
