@@ -325,7 +325,9 @@ def test_verify_step_writes_only_flagged_rows_at_the_current_position():
     ids, mask = _left_pad(prompts_of(seed=3)[:4])
     cache = DynamicCache()
     upto = margingate.canonical_prefill(model, ids, mask, cache)  # all but the last prompt position
-    proc = MarginGateProcessor(model, cache, policy="margin", threshold=100.0, attention_mask=mask, canonical_upto=upto)
+    proc = MarginGateProcessor(
+        model, cache, policy="margin", threshold=100.0, attention_mask=mask, canonical_upto=upto, piggyback=False
+    )
     with torch.inference_mode():
         out = model(  # the fast path's forward of the last prompt token
             input_ids=ids[:, upto:],
@@ -390,10 +392,8 @@ def test_clear_errors():
         MarginGateProcessor(model, DynamicCache(config=model.config))  # sliding-window layers
     with pytest.raises(TypeError, match="DynamicCache"):
         MarginGateProcessor(model, StaticCache(config=model.config, max_cache_len=32))
-    with pytest.raises(ValueError, match="sampling .* not supported"):
-        margingate.generate(model, [[3, 4]], temperature=0.7, do_sample=True)
-    with pytest.raises(ValueError, match="sampling .* not supported"):
-        margingate.generate(model, [[3, 4]], temperature=0.7)
+    with pytest.raises(ValueError, match="pass temperature > 0"):
+        margingate.generate(model, [[3, 4]], do_sample=True)
     with pytest.raises(ValueError, match="prompt 0 is text; pass tokenizer"):
         margingate.generate(model, ["hello"])
 
@@ -483,7 +483,8 @@ def test_processor_serves_one_generation():
         ({"prompts": [[3, -1]]}, ValueError, "prompt 0 holds token id -1"),
         ({"prompts": [[3, 4.0]]}, TypeError, "token ids must be ints"),
         ({"num_beams": 2}, ValueError, "beam search is not supported"),
-        ({"do_sample": True}, ValueError, "sampling is not supported"),
+        ({"do_sample": True}, ValueError, "pass temperature > 0"),
+        ({"temperature": 0.5, "top_p": 0.9}, ValueError, "top_p is not supported"),
         ({"max_new_tokens": 2.5}, TypeError, "max_new_tokens must be an int"),
         ({"max_new_tokens": "3"}, TypeError, "max_new_tokens must be an int"),
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
@@ -544,6 +545,7 @@ def test_window_cache_after_rollback_is_the_canonical_cache():
     """After a run with rollbacks, the cache holds exactly what a canonical forward of the final
     sequences writes: the rolled-back tokens left nothing behind."""
     from margingate.generation import _decode_window
+    from margingate.sampling import Sampling
 
     model, prompts = model_of("llama"), prompts_of(seed=2)[:6]
     caches = []
@@ -557,7 +559,7 @@ def test_window_cache_after_rollback_is_the_canonical_cache():
     try:
         out = _decode_window(
             model, prompts, policy="window", threshold=None, window=5, max_new_tokens=14, eos=[], pad_id=0,
-            record_margins=False, put=None, bar=None,
+            record_margins=False, put=None, bar=None, sampling=Sampling(), seeds=[0] * len(prompts),
         )
     finally:
         margingate.hf_compat.new_cache = real_new_cache

@@ -28,14 +28,12 @@ def declared_range() -> tuple[Version, Version]:
     from importlib import metadata
     from pathlib import Path
 
-    try:
-        requirements = metadata.requires("margingate") or []
-    except metadata.PackageNotFoundError:
-        requirements = []
-    text = " ".join(r for r in requirements if r.startswith("transformers"))
-    if not text:
-        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
-    spec = re.search(r"transformers\s*([<>=,.0-9\s]+)", text).group(1)  # e.g. ">=5.17,<6" or "<6,>=5.17"
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():  # a checkout: its declaration is the one under test
+        text = pyproject.read_text()
+    else:
+        text = " ".join(r for r in metadata.requires("margingate") or [] if r.startswith("transformers"))
+    spec = re.search(r"transformers\s*((?:[<>]=?\s*[0-9.]+\s*,?\s*)+)", text).group(1)  # ">=5.17,<6" / "<6,>=5.17"
     low = re.search(r">=\s*([0-9.]+)", spec).group(1)
     high = re.search(r"<\s*([0-9.]+)", spec).group(1)
     return Version(low), Version(high)

@@ -22,7 +22,7 @@ from margingate.processor import MarginGateProcessor
 from margingate.sampling import Sampling, prompt_seed
 from tests.models import build_model
 
-NUM_PROMPTS, NEW_TOKENS = 8, 16
+NUM_PROMPTS, NEW_TOKENS = 8, 24
 CONFIGS = {
     "alone": (list(range(NUM_PROMPTS)), 1),
     "b3_shuffled": (random.Random(0).sample(range(NUM_PROMPTS), NUM_PROMPTS), 3),
