@@ -40,6 +40,12 @@ TORCH_LIBRARY(margingate, m) {
   m.def(
       "kv_patch_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor positions, "
       "Tensor k_new, Tensor v_new) -> ()");
+  // Seeded Gumbel-max sampling (T > 0; T = 0 is greedy) with top_k / min_p, one row at a time:
+  // token, noised runner-up, T * (noised top-1 - top-2) and the truncation cut-off's margin, both
+  // in logit units (cpp/include/margingate/sampling.h).
+  m.def(
+      "sample_margin(Tensor logits, Tensor seed, Tensor position, Tensor temperature, Tensor? top_k=None, "
+      "Tensor? min_p=None) -> (Tensor token, Tensor runner_up, Tensor margin, Tensor cutoff_margin)");
   // Build facts: torch version, compiler, SIMD level in use, CUDA compiled in.
   m.def("build_info() -> str", &build_info);
 }
@@ -59,7 +65,7 @@ void cuda_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(margingate, CUDA, m) {
-  for (const char* name : {"margin", "linear", "attention", "kv_patch_"}) {
+  for (const char* name : {"margin", "linear", "attention", "kv_patch_", "sample_margin"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_not_built>());
   }
 }

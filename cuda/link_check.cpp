@@ -7,6 +7,7 @@
 #include "margingate/cuda/kv_patch.h"
 #include "margingate/cuda/linear.h"
 #include "margingate/cuda/margin.h"
+#include "margingate/cuda/sampling.h"
 
 int main() {
   using namespace margingate;
@@ -39,6 +40,10 @@ int main() {
   expect(cuda::margin(DType::kBFloat16, nullptr, 1, 1, 1, 1, nullptr, nullptr, nullptr, nullptr, 0, nullptr) ==
              cudaErrorInvalidValue,
          "margin rejects vocab < 2");
+  SamplingArgs sa;
+  sa.rows = 1;
+  sa.vocab = 1;
+  expect(cuda::sample_margin(sa, nullptr) == cudaErrorInvalidValue, "sample_margin rejects vocab < 2");
   LinearArgs la;
   la.M = -1;
   expect(cuda::linear(la, nullptr) == cudaErrorInvalidValue, "linear rejects M < 0");

@@ -20,6 +20,10 @@ import torch  # noqa: F401  (the extension links against the already-imported to
 from .ops import attention, build_info, kv_patch_, linear, margin
 
 __all__ = ["attention", "build_info", "kv_patch_", "linear", "margin"]
+from . import noise  # noqa: E402  (sample_margin's Gumbel noise in plain torch, for audits)
+from .ops import sample_margin  # noqa: E402
+
+__all__ += ["noise", "sample_margin"]
 
 from .invariant_mode import batch_invariant  # noqa: E402
 from .policies import EXACT_POLICIES, POLICIES  # noqa: E402

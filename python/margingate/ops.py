@@ -172,3 +172,83 @@ def _attention_fake(q, k, v, kv_start=None, kv_rows=None, *, causal=True, scale=
     )
     torch._check(k.shape[3] == q.shape[3], lambda: "margingate.attention: q and k head_dim differ")
     return q.new_empty(q.shape)
+
+
+# --------------------------------------------------------------------------- sample_margin
+def sample_margin(
+    logits: torch.Tensor,
+    seed: int | torch.Tensor,
+    position: int | torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
+    *,
+    top_p: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded Gumbel-max sampling of one token per row, with the margins a gate needs.
+
+    ``logits`` is ``[B, V]`` (bf16/fp16/fp32, any strides, V >= 2). Per row: ``seed`` (int64),
+    ``position`` (int), ``temperature`` (float32, >= 0; 0 = greedy), ``top_k`` (int, 0 = off) and
+    ``min_p`` (float32 in [0, 1], 0 = off); each is a ``[B]`` tensor on the logits' device or a
+    Python scalar for every row. Returns int64 ``token`` and ``runner_up`` and float32 ``margin``
+    and ``cutoff_margin``, all ``[B]``:
+
+    - ``token = argmax`` over the candidates of ``s = float32(logits / T) + g`` (first index on
+      ties), ``g`` the counter-based Gumbel noise of (seed, position, index)
+      (``margingate.noise.gumbel_noise``), never materialised;
+    - ``runner_up``: the second-best candidate by ``s`` (-1 when only one candidate is left);
+    - ``margin = T * (s[token] - s[runner_up])`` in logit units, exactly 0 on ties, +inf with a
+      single candidate;
+    - ``cutoff_margin``: how far (in logit units) the top_k / min_p cut-off is from changing the
+      token (+inf without truncation); see ``cpp/include/margingate/sampling.h`` for the exact rule.
+
+    top_k keeps exactly k candidates (ties at the k-th value keep the lowest indices); min_p keeps
+    ``logits - max >= T * ln(min_p)``. A row with T = 0 is greedy (``margingate.margin``'s answer,
+    cutoff_margin +inf); a row with NaN gets margingate.margin's token and NaN margins.
+    A token is the same under any perturbation of the logits smaller than h whenever ``margin`` and
+    ``cutoff_margin`` are both above 2h (plus rounding): the gate of greedy decoding carries over.
+
+    ``top_p`` is refused: its cut-off is a cumulative sum of softmax probabilities, so whether a
+    token is kept depends on the rounding of every probability in the sum, not on a gap between two
+    logits that a margin can bound; use ``top_k`` or ``min_p``.
+    """
+    if top_p is not None:
+        raise ValueError(
+            "margingate.sample_margin: top_p is not supported: its cut-off is a cumulative sum of "
+            "softmax probabilities, so whether a token is kept depends on the rounding of every "
+            "probability in the sum, which no margin can bound; use top_k or min_p instead"
+        )
+    rows, device = (logits.shape[0] if logits.dim() >= 1 else 0), logits.device
+
+    def per_row(value, dtype):
+        if value is None or isinstance(value, torch.Tensor):
+            return value
+        if dtype == torch.int64:
+            value = int(value) & ((1 << 64) - 1)
+            value = value - (1 << 64) if value >= 1 << 63 else value
+        return torch.full((rows,), value, dtype=dtype, device=device)
+
+    return torch.ops.margingate.sample_margin.default(
+        logits,
+        per_row(seed, torch.int64),
+        per_row(position, torch.int64),
+        per_row(temperature, torch.float32),
+        per_row(top_k, torch.int64),
+        per_row(min_p, torch.float32),
+    )
+
+
+@torch.library.register_fake("margingate::sample_margin")
+def _sample_margin_fake(logits, seed, position, temperature, top_k=None, min_p=None):
+    torch._check(logits.dim() == 2, lambda: "margingate.sample_margin: logits must be 2-D")
+    rows = logits.shape[0]
+    for name, t in (("seed", seed), ("position", position), ("temperature", temperature),
+                    ("top_k", top_k), ("min_p", min_p)):
+        if t is not None:
+            torch._check(t.dim() == 1, lambda name=name: f"margingate.sample_margin: {name} must be 1-D")
+    return (
+        logits.new_empty((rows,), dtype=torch.int64),
+        logits.new_empty((rows,), dtype=torch.int64),
+        logits.new_empty((rows,), dtype=torch.float32),
+        logits.new_empty((rows,), dtype=torch.float32),
+    )
