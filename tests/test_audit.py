@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from margingate import cli
 from margingate.audit import (
     Transcript,
     TranscriptError,
+    fingerprint_matrix,
     fingerprints,
     read_transcripts,
     token_scores,
@@ -174,6 +176,7 @@ def _token_difr_common():
     path = Path(next(iter(spec.submodule_search_locations))) / "common.py"
     module_spec = importlib.util.spec_from_file_location("token_difr_common", path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules["token_difr_common"] = module  # its dataclasses look their module up there
     module_spec.loader.exec_module(module)
     return module
 
@@ -228,6 +231,15 @@ def test_fingerprints_exact_for_reference_and_not_for_a_perturbed_model(model, p
         ]["failed"]
         == 0
     )
+
+
+def test_fingerprint_matrix_is_orthonormal_and_seeded():
+    m = fingerprint_matrix(64, 8, seed=3).double()
+    assert torch.allclose(m @ m.T, torch.eye(8, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(fingerprint_matrix(64, 8, seed=3), fingerprint_matrix(64, 8, seed=3))
+    assert not torch.equal(fingerprint_matrix(64, 8, seed=3), fingerprint_matrix(64, 8, seed=4))
+    with pytest.raises(ValueError, match="k must be in"):
+        fingerprint_matrix(64, 65, seed=0)
 
 
 def test_transcript_round_trip(tmp_path, model, prompts):
@@ -290,6 +302,25 @@ def test_cli_generate_then_audit(tiny, capsys, tmp_path):
         capsys, "audit", "--model", str(tiny / "model"), "--quiet", "--transcripts", str(out)
     )
     assert code == 1 and "transcript 1 token 0:" in text and "5 exact, 0 passed, 1 failed" in text
+
+
+def test_cli_audit_plot(tiny, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    path, png = tmp_path / "t.jsonl", tmp_path / "scores.png"
+    path.write_text(json.dumps({**GOOD, "provider": "x"}) + "\n")
+    code, _, err = _run(
+        capsys,
+        "audit",
+        "--model",
+        str(tiny / "model"),
+        "--quiet",
+        "--transcripts",
+        str(path),
+        "--plot",
+        str(png),
+    )
+    assert code in (0, 1), err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 GOOD = {"prompt_ids": [5, 6, 7], "output_ids": [8, 9]}

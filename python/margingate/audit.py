@@ -152,13 +152,13 @@ def parse_transcript(d: Any, where: str = "transcript", vocab_size: int | None =
     """A ``Transcript`` from its JSON dict; raises ``TranscriptError`` (one line) when malformed."""
     if not isinstance(d, dict):
         raise TranscriptError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    if "top_p" in d:
+        raise TranscriptError(f"{where}: top_p cannot be audited exactly; use top_k or min_p")
     unknown = sorted(set(d) - _KEYS)
     if unknown:
         raise TranscriptError(
             f"{where}: unknown field(s) {', '.join(unknown)} (expected some of {', '.join(sorted(_KEYS))})"
         )
-    if "top_p" in d:
-        raise TranscriptError(f"{where}: top_p cannot be audited exactly; use top_k or min_p")
     has_text, has_ids = "prompt" in d, "prompt_ids" in d
     if has_text == has_ids:
         raise TranscriptError(f"{where}: give exactly one of prompt (text) and prompt_ids")
