@@ -22,9 +22,9 @@ the reference makes the provider's choice. Token-DiFR draws its noise from vLLM'
 the score is the same function of the noise (``tests/test_audit.py`` checks it against
 ``token_difr`` on shared noise).
 
-What margingate adds: a transcript produced under ``margin``, ``always``, ``window`` or
-``invariant`` was produced *by* this reference, so it audits to exactly 0 on every token, in any
-batch. Any nonzero score is a real divergence, not numerical noise: the default ``threshold`` is
+What margingate adds: a transcript produced under ``always``, ``window`` or ``invariant`` was
+produced *by* this reference (``margin`` too, wherever its calibrated threshold holds), so it
+audits to exactly 0 on every token, in any batch. Any nonzero score is a real divergence, not numerical noise: the default ``threshold`` is
 0. The fast path (``off``) can differ from the reference at near-ties without anything being
 wrong; each mismatch is reported with the reference's top-1/top-2 margin there
 (``reference_margin``), so a reader can tell a near-tie (margin of an ulp or two) from tampering.
