@@ -29,6 +29,7 @@ from margingate.audit import (
     fingerprints,
     read_transcripts,
     token_scores,
+    token_scores_materialised,
     transcripts_from_generation,
 )
 from margingate.noise import gumbel_noise
@@ -163,6 +164,15 @@ def test_sampled_transcript_exact_under_its_seed(model, prompts, top_k, min_p):
         assert r["reference_margins"] == m  # the audit's noise and candidates are the op's, bit for bit
     wrong = [{**t, "seed": 1235} for t in transcripts] + [{**t, "temperature": 1.3} for t in transcripts]
     report = margingate.audit(model, wrong, batch_size=4, pad_token_id=PAD)
+    # The native path (sample_margin + the provided token's noise) equals the materialised definition.
+    for t, r in zip(wrong, report["transcripts"], strict=True):
+        logits = _canonical_logits(model, t["prompt_ids"], t["output_ids"])
+        positions = torch.arange(len(t["prompt_ids"]), len(t["prompt_ids"]) + NEW_TOKENS)
+        expected = token_scores_materialised(
+            logits, t["output_ids"], temperature=t["temperature"], seed=t["seed"], positions=positions,
+            top_k=top_k, min_p=min_p,
+        )  # fmt: skip
+        assert {k: r[k] for k in expected} == expected
     verdicts = [r["verdict"] for r in report["transcripts"]]
     assert verdicts[:3] == ["fail"] * 3  # another seed: other noise, other tokens
     assert "fail" in verdicts[3:]  # another temperature: the same noise, scaled differently

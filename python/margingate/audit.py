@@ -63,6 +63,7 @@ __all__ = [
     "parse_transcript",
     "read_transcripts",
     "token_scores",
+    "token_scores_materialised",
     "transcripts_from_generation",
     "write_transcripts",
 ]
@@ -319,7 +320,72 @@ def token_scores(
     """Token-DiFR of one transcript from the reference's logits ``[n, V]`` (row t predicts
     ``output_ids[t]``): per token the reference's choice, the score (module docstring) and the
     reference's top-1/top-2 margin over the candidates (logit units). ``positions`` [n]: the noise
-    positions (needed when ``temperature > 0``)."""
+    positions (needed when ``temperature > 0``).
+
+    The reference's choice and margin come from the native ops (``margin``; ``sample_margin``,
+    which never materialises the noise); only the provided token's noised score is computed here,
+    with the same float32 arithmetic, so the result equals ``token_scores_materialised``."""
+    x = logits.float()
+    gold = torch.tensor(list(output_ids), dtype=torch.long, device=x.device)
+    rows = torch.arange(x.shape[0], device=x.device)
+    if temperature == 0:
+        top1, _top2, ref_margin = margin(x)
+        scores = x[rows, top1] - x[rows, gold]
+        choice = top1
+    else:
+        from .noise import gumbel_noise
+        from .ops import sample_margin
+
+        seed64 = int(seed) - (1 << 64) if int(seed) >= 1 << 63 else int(seed)
+        positions = positions.to(device=x.device, dtype=torch.int64)
+        choice, _runner, ref_margin, _cut = sample_margin(x, seed64, positions, temperature, top_k, min_p)
+        t32 = torch.tensor(float(temperature), dtype=torch.float32, device=x.device)
+
+        def noised(index: torch.Tensor) -> torch.Tensor:
+            return x[rows, index] / t32 + gumbel_noise(seed64, positions, index)
+
+        s_top, s_gold = noised(choice), noised(gold)
+        x_gold = x[rows, gold]
+        inside = torch.ones_like(gold, dtype=torch.bool)
+        if 0 < top_k < x.shape[-1]:  # rank of the gold token under (value descending, index ascending)
+            index = torch.arange(x.shape[-1], device=x.device)
+            rank = (x > x_gold[:, None]).sum(-1) + ((x == x_gold[:, None]) & (index < gold[:, None])).sum(-1)
+            inside &= rank < top_k
+        if min_p > 0:
+            t64 = torch.tensor(temperature, dtype=torch.float32).double()
+            cut = (t64 * _log_mg(torch.tensor([min_p], dtype=torch.float32).double())).float().to(x.device)
+            inside &= (x_gold - x.max(-1).values) >= cut
+        scores = torch.where(
+            gold == choice,
+            torch.zeros_like(s_top),
+            torch.where(inside, t32 * (s_top - s_gold), torch.full_like(s_top, math.inf)),
+        )
+    return {
+        "reference_ids": choice.tolist(),
+        "scores": scores.tolist(),
+        "reference_margins": ref_margin.tolist(),
+    }
+
+
+def _log_mg(x: torch.Tensor) -> torch.Tensor:
+    from .noise import log_mg
+
+    return log_mg(x)
+
+
+def token_scores_materialised(
+    logits: torch.Tensor,
+    output_ids: Sequence[int],
+    *,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    positions: torch.Tensor | None = None,
+    top_k: int = 0,
+    min_p: float = 0.0,
+) -> dict[str, list]:
+    """``token_scores`` by the plain-torch definition: the noised scores of the whole vocabulary
+    materialised (``noise.noised_scores``), the candidates as a mask. Slow (float64 noise for every
+    index); the tests hold the native path to it bit for bit."""
     x = logits.float()
     gold = torch.tensor(list(output_ids), dtype=torch.long, device=x.device)
     rows = torch.arange(x.shape[0], device=x.device)
