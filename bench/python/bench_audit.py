@@ -4,8 +4,9 @@ Reproduces (reduced) the Token-DiFR experiment with margingate's canonical forwa
 reference. Providers, each decoding the same prompts (the built-in math/code/chat sets, interleaved)
 with Gemma 3 270M in bf16 on the CPU:
 
-- ``margin b8`` / ``margin b4``: margingate's ``margin`` policy in batches of 8 and 4 (honest);
-- ``off b8``: the fast path (vendor kernels), batch 8: honest but not bit-exact;
+- ``margin b16`` / ``margin b8``: margingate's ``margin`` policy in batches of ``--batch-size``
+  (default 16) and half of it (honest);
+- ``off b16``: the fast path (vendor kernels): honest but not bit-exact;
 - ``rtn4``: a provider whose linear weights are 4-bit group-wise round-to-nearest quantized
   (groups of 32 along the input dimension, symmetric, scale = max |w| / 7; done in torch; the tied
   embedding / output matrix is kept), decoding on the fast path;
@@ -15,14 +16,14 @@ with Gemma 3 270M in bf16 on the CPU:
   audited T), ``rtn4 sampled`` (the quantized model, same seeds and T).
 
 Every transcript is audited with ``margingate.audit`` (one teacher-forced canonical forward per
-batch). Reported: the score distribution per provider, the false alarm rate (transcripts whose
-maximum score is above 0, i.e. not exact) per provider, and the AUC of each dishonest provider
+batch). Reported: the score distribution per provider, the transcripts that are not token for
+token the reference's and those flagged at threshold 0 (a score above 0; an exact tie scores 0), and the AUC of each dishonest provider
 against the honest one as a function of the number of tokens audited, with the mean Token-DiFR
 score over the first N tokens of a transcript as the statistic (and, for Activation-DiFR, the
 mean fingerprint distance over the first N tokens, k = 16).
 
 Usage (from the repository root, after building; takes ~10 min on a busy 2-core CPU):
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python python bench/python/bench_audit.py --prompts 8 --new-tokens 32
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python python bench/python/bench_audit.py --prompts 16 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -105,8 +106,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="honest margin and off batch (margin also at half)"
+    )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 skips the sampled providers")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
@@ -133,10 +137,12 @@ def main() -> None:
         return transcripts_from_generation(prompts, r.sequences, name)
 
     providers: dict[str, list[Transcript]] = {}
-    providers["margin b8"] = greedy(model, "margin", 8, "margin b8")
-    providers["margin b4"] = greedy(model, "margin", 4, "margin b4")
-    providers["off b8"] = greedy(model, "off", 8, "off b8")
-    providers["rtn4"] = greedy(quantized, "off", 8, "rtn4")
+    big, small = args.batch_size, max(1, args.batch_size // 2)
+    honest = f"margin b{big}"
+    providers[honest] = greedy(model, "margin", big, honest)
+    providers[f"margin b{small}"] = greedy(model, "margin", small, f"margin b{small}")
+    providers[f"off b{big}"] = greedy(model, "off", big, f"off b{big}")
+    providers["rtn4"] = greedy(quantized, "off", big, "rtn4")
     print(f"greedy transcripts in {time.perf_counter() - started:.0f} s", flush=True)
     if args.temperature > 0:
         t = args.temperature
@@ -160,7 +166,7 @@ def main() -> None:
         reports[name] = margingate.audit(model, transcripts, batch_size=8, pad_token_id=pad)["transcripts"]
     # Activation-DiFR: honest fingerprints (canonical, reference weights) vs the quantized provider's.
     fp = {
-        "margin b8": fingerprints(model, providers["margin b8"], k=FINGERPRINT_K, pad_token_id=pad),
+        honest: fingerprints(model, providers[honest], k=FINGERPRINT_K, pad_token_id=pad),
         "rtn4": fingerprints(quantized, providers["rtn4"], k=FINGERPRINT_K, pad_token_id=pad),
     }
     fp_reports = {
@@ -172,16 +178,18 @@ def main() -> None:
     for name, rs in reports.items():
         scores = [s for r in rs for s in r["scores"]]
         mism = [m["reference_margin"] for r in rs for m in r["mismatches"]]
+        tokens = sum(r["tokens"] for r in rs)
         rows.append(
             {
                 "provider": name,
                 "transcripts": len(rs),
                 "tokens": len(scores),
-                "match": f"{100 * sum(s == 0 for s in scores) / len(scores):.1f}%",
+                "token match": f"{100 * sum(r['match_rate'] * r['tokens'] for r in rs) / tokens:.1f}%",
                 "score p50": statistics.median(scores),
                 "score p90": sorted(scores)[int(0.9 * (len(scores) - 1))],
                 "score max": max(scores),
-                "false alarms @0": f"{sum(r['verdict'] != 'exact' for r in rs)}/{len(rs)}",
+                "not exact": f"{sum(r['verdict'] != 'exact' for r in rs)}/{len(rs)}",
+                "flagged @0": f"{sum(r['verdict'] == 'fail' for r in rs)}/{len(rs)}",
                 "ref margin at mismatches (max)": max(mism) if mism else "-",
             }
         )
@@ -193,7 +201,7 @@ def main() -> None:
     def mean_first(rs, key, k):
         return [sum(r[key][:k]) / len(r[key][:k]) for r in rs]
 
-    comparisons = [("off b8", "margin b8"), ("rtn4", "margin b8")]
+    comparisons = [(f"off b{big}", honest), ("rtn4", honest)]
     if args.temperature > 0:
         comparisons += [("wrong seed", "sampled"), ("wrong T", "sampled"), ("rtn4 sampled", "sampled")]
     counts = [k for k in TOKENS_AUDITED if k <= n]
@@ -205,19 +213,19 @@ def main() -> None:
                 auc(mean_first(reports[bad], "scores", k), mean_first(reports[good], "scores", k)), 3
             )
         auc_rows.append(row)
-    row = {"audited vs honest": "rtn4 vs margin b8 (activations)"}
+    row = {"audited vs honest": f"rtn4 vs {honest} (activations)"}
     for k in counts:
         row[f"N={k}"] = round(
             auc(
                 mean_first(fp_reports["rtn4"], "fingerprint_distances", k),
-                mean_first(fp_reports["margin b8"], "fingerprint_distances", k),
+                mean_first(fp_reports[honest], "fingerprint_distances", k),
             ),
             3,
         )
     auc_rows.append(row)
     print("\nAUC vs tokens audited per transcript (statistic: mean score over the first N tokens)")
     print_table(auc_rows)
-    fd = [d for r in fp_reports["margin b8"] for d in r["fingerprint_distances"]]
+    fd = [d for r in fp_reports[honest] for d in r["fingerprint_distances"]]
     fq = [d for r in fp_reports["rtn4"] for d in r["fingerprint_distances"]]
     print(
         f"\nActivation-DiFR (k={FINGERPRINT_K}): honest max distance {max(fd)!r}; rtn4 distance "
