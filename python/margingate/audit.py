@@ -39,9 +39,12 @@ a provider that ran the canonical forward, > 0 as soon as its weights or kernels
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -246,10 +249,18 @@ def read_transcripts(path: str | Path, vocab_size: int | None = None) -> list[Tr
 
 def write_transcripts(path: str | Path, transcripts: Sequence[Transcript]) -> None:
     """Writes ``transcripts`` as JSONL (floats as their shortest round-tripping decimal, so the
-    fingerprints read back bit for bit)."""
-    with open(Path(path).expanduser(), "w", encoding="utf-8") as f:
-        for t in transcripts:
-            f.write(json.dumps(t.to_json(), allow_nan=False) + "\n")
+    fingerprints read back bit for bit), atomically: a temporary file beside the target, renamed."""
+    target = Path(path).expanduser()
+    text = "".join(json.dumps(t.to_json(), allow_nan=False) + "\n" for t in transcripts)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _as_transcripts(transcripts: Sequence[Any], tokenizer: Any, vocab: int) -> list[Transcript]:
