@@ -31,6 +31,7 @@ from .policies import EXACT_POLICIES, POLICIES  # noqa: E402
 __all__ += ["EXACT_POLICIES", "POLICIES", "batch_invariant"]
 
 try:
+    from .audit import audit
     from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward, canonical_prefill
     from .generation import GenerationResult, generate
     from .processor import MarginGateProcessor
@@ -42,12 +43,13 @@ except ModuleNotFoundError as error:  # transformers is the optional [hf] extra
     def _needs_transformers(*args, **kwargs):
         raise ImportError('this part of margingate needs transformers: pip install "margingate[hf]"')
 
-    canonical_forward = canonical_prefill = generate = MarginGateProcessor = GenerationResult = _needs_transformers
+    audit = canonical_forward = canonical_prefill = generate = MarginGateProcessor = GenerationResult = _needs_transformers
 
 __all__ += [
     "SUPPORTED_MODEL_TYPES",
     "GenerationResult",
     "MarginGateProcessor",
+    "audit",
     "canonical_forward",
     "canonical_prefill",
     "generate",

@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", metavar="PATH", help="write the outputs and timings as JSON")
     bench.add_argument("--quiet", action="store_true", help="print only the summary table")
+    _add_audit_parsers(sub)
     return parser
 
 
@@ -970,8 +971,243 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if all(o["returncode"] == 0 for o in outputs) else EXIT_FAILURE
 
 
+# ----------------------------------------------------------------------------- generate, audit
+def _add_model_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="local Hugging Face checkpoint directory or .gguf file (default: Gemma 3 270M, converted once "
+        "into $MARGINGATE_CACHE or ~/.cache/margingate)",
+    )
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="model dtype (default bfloat16)")
+    p.add_argument("--quiet", action="store_true", help="no progress notes; print only the tables")
+
+
+def _add_audit_parsers(sub) -> None:
+    from .audit import DEFAULT_AUDIT_BATCH_SIZE, FINAL_HIDDEN
+    from .policies import POLICIES
+
+    gen = sub.add_parser(
+        "generate",
+        help="decode prompts under a policy and write them as transcripts (JSONL) for `margingate audit`",
+        description="Greedy decoding of a prompt set under a policy, written as one transcript per line "
+        '({"prompt_ids", "output_ids", "temperature": 0, ...}), optionally with Activation-DiFR '
+        "fingerprints (canonical, so an honest run audits to distance 0).",
+    )
+    _add_model_choice(gen)
+    gen.add_argument("--transcripts", metavar="OUT.jsonl", required=True, help="transcript file to write")
+    gen.add_argument("--prompts", metavar="SET|FILE", default=DEFAULT_PROMPTS, help=PROMPTS_HELP + " (default: all)")
+    gen.add_argument("--limit", type=_positive_int, metavar="N", default=DEFAULT_LIMIT, help=f"use the first N prompts (default {DEFAULT_LIMIT})")
+    gen.add_argument(
+        "--max-new-tokens", type=_positive_int, metavar="N", default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"tokens generated per prompt (default {DEFAULT_MAX_NEW_TOKENS})",
+    )  # fmt: skip
+    gen.add_argument("--policy", choices=POLICIES, default="margin", help="decoding policy (default margin)")
+    gen.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per batch (default: all in one)")
+    gen.add_argument("--threshold", type=_threshold_value, metavar="T", help="margin policy threshold (default: calibrated)")
+    gen.add_argument("--fingerprint", type=_positive_int, metavar="K", help="attach K-dimensional activation fingerprints")
+    gen.add_argument("--fingerprint-seed", type=int, default=0, metavar="S", help="seed of the projection (default 0)")
+    gen.add_argument(
+        "--fingerprint-layer", default=FINAL_HIDDEN, metavar="MODULE",
+        help=f"module whose output is fingerprinted ({FINAL_HIDDEN!r}: the final hidden state, the default)",
+    )  # fmt: skip
+
+    aud = sub.add_parser(
+        "audit",
+        help="re-score transcripts against the canonical reference (Token-DiFR, exact for margingate runs)",
+        description="Teacher-forces every transcript through the canonical (batch-invariant) forward and scores "
+        "each output token as Token-DiFR does: the reference's noised top-1 score minus that of the provider's "
+        "token (0 when they agree). Transcripts from margingate's margin/always/window/invariant policies score "
+        "exactly 0; a mismatch is shown with the reference's top-1/top-2 margin there, so a near-tie (fast-path "
+        "noise) is told apart from tampering. Exit 1 when a transcript fails (max score above --threshold).",
+    )
+    _add_model_choice(aud)
+    aud.add_argument("--transcripts", metavar="FILE.jsonl", required=True, help="transcripts to audit (one JSON object a line)")
+    aud.add_argument(
+        "--threshold", type=_threshold_value, default=0.0, metavar="S",
+        help="largest score a passing transcript may have (logit units; default 0: exact)",
+    )  # fmt: skip
+    aud.add_argument(
+        "--fingerprint-tolerance", type=_threshold_value, default=0.0, metavar="D",
+        help="largest fingerprint distance a passing transcript may have (default 0: exact)",
+    )  # fmt: skip
+    aud.add_argument(
+        "--batch-size", type=_positive_int, default=DEFAULT_AUDIT_BATCH_SIZE, metavar="N",
+        help=f"transcripts per teacher-forced forward (default {DEFAULT_AUDIT_BATCH_SIZE})",
+    )  # fmt: skip
+    aud.add_argument("--show", type=int, default=10, metavar="N", help="mismatching tokens listed (default 10)")
+    aud.add_argument("--json", metavar="PATH", help="write the full report (per-token scores) as JSON")
+    aud.add_argument("--plot", metavar="PNG", help="write a PNG: score distribution per provider (needs matplotlib)")
+
+
+def _supported_or_usage(model) -> None:
+    from .hf_compat import SUPPORTED_MODEL_TYPES
+
+    if _model_type(model) not in SUPPORTED_MODEL_TYPES:
+        raise UsageError(
+            f"model type {_model_type(model)!r} is not supported by the canonical forward "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .audit import FINAL_HIDDEN, fingerprints, transcripts_from_generation, write_transcripts
+    from .generation import generate
+
+    _check_writable(args.transcripts, "--transcripts")
+    raw_prompts = _read_prompts(args.prompts, args.limit)
+    model, tokenizer, name = _load_model(args)
+    _supported_or_usage(model)
+    layer = args.fingerprint_layer
+    if args.fingerprint is not None and layer != FINAL_HIDDEN and layer not in dict(model.named_modules()):
+        raise UsageError(f"--fingerprint-layer {layer!r} is not a module of {name}")
+    prompts = _encode_prompts(raw_prompts, tokenizer, model)
+    eos, pad = _eos_and_pad(model, tokenizer)
+    result = generate(
+        model, prompts, policy=args.policy, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, eos_token_id=eos, pad_token_id=pad, progress=not args.quiet,
+    )  # fmt: skip
+    provider = f"margingate {args.policy} batch {args.batch_size or len(prompts)}"
+    transcripts = transcripts_from_generation(prompts, result.sequences, provider)
+    if args.fingerprint is not None:
+        try:
+            transcripts = fingerprints(
+                model, transcripts, k=args.fingerprint, seed=args.fingerprint_seed, layer=args.fingerprint_layer,
+                pad_token_id=pad,
+            )  # fmt: skip
+        except ValueError as err:
+            raise UsageError(f"--fingerprint: {err}") from None
+    try:
+        write_transcripts(args.transcripts, transcripts)
+    except OSError as err:
+        raise UsageError(f"cannot write {args.transcripts}: {err.strerror or err}") from None
+    stats = result.stats
+    print_table(
+        [
+            {
+                "policy": args.policy,
+                "prompts": len(prompts),
+                "tokens": sum(len(s) for s in result.sequences),
+                "trigger rate": _pct(stats.get("trigger_rate")) if args.policy != "off" else "-",
+                "fingerprints": args.fingerprint or "-",
+                "seconds": round(stats.get("seconds", 0.0), 1),
+            }
+        ]
+    )
+    print(f"transcripts written to {args.transcripts} (audit: margingate audit --transcripts {args.transcripts})")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import TranscriptError, audit, read_transcripts
+
+    for path, what in ((args.json, "--json"), (args.plot, "--plot")):
+        _check_writable(path, what)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError('--plot needs matplotlib: pip install "margingate[plot]"') from None
+    try:  # the whole file is checked before the model loads: a typo fails in a second
+        transcripts = read_transcripts(args.transcripts)
+    except TranscriptError as err:
+        raise UsageError(f"--transcripts {err}") from None
+    model, tokenizer, name = _load_model(args)
+    _supported_or_usage(model)
+    try:
+        report = audit(
+            model, transcripts, tokenizer=tokenizer, threshold=args.threshold,
+            fingerprint_tolerance=args.fingerprint_tolerance, batch_size=args.batch_size,
+        )  # fmt: skip
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--transcripts {args.transcripts}: {_one_line(err)}") from None
+    rows = report["transcripts"]
+    has_fp = any("fingerprint_max" in r for r in rows)
+    table = []
+    for r in rows:
+        row = {
+            "id": r["id"],
+            "provider": r["provider"] or "-",
+            "sampling": r["sampling"],
+            "tokens": r["tokens"],
+            "match": _pct(r["match_rate"]),
+            "mean score": r["mean_score"],
+            "max score": r["max_score"],
+        }
+        if has_fp:
+            row["fingerprint max"] = r.get("fingerprint_max")
+        row["verdict"] = r["verdict"]
+        table.append(row)
+    summary = report["summary"]
+    print(f"\nmargingate audit: {name}, {summary['transcripts']} transcripts, {summary['tokens']} tokens, threshold {args.threshold:g}")
+    print_table(table)
+    shown = 0
+    for r in rows:
+        for m in r["mismatches"]:
+            if shown >= args.show:
+                break
+            print(
+                f"  transcript {r['id']} token {m['step']}: provided {m['provided']}, reference {m['reference']}, "
+                f"score {_fmt(m['score'])}, reference margin {_fmt(m['reference_margin'])}"
+            )
+            shown += 1
+    mismatches = sum(len(r["mismatches"]) for r in rows)
+    if mismatches > shown:
+        print(f"  ... {mismatches - shown} more mismatching tokens (--show, --json)")
+    print(
+        f"{summary['exact']} exact, {summary['passed']} passed, {summary['failed']} failed; match rate "
+        f"{_pct(summary['match_rate'])}, mean score {_fmt(summary['mean_score'])}, max score {_fmt(summary['max_score'])}"
+    )
+    if mismatches:
+        print(
+            "note: a transcript of the fast path (`off`) may differ from the reference at near-ties without anything "
+            "being wrong: compare each mismatch's reference margin with the model's gate threshold"
+        )
+    _write_json(args.json, {"command": "audit", "model": _model_info(model, name, args.dtype), "transcripts_file": args.transcripts, **report})
+    if args.plot:
+        _write_audit_plot(args.plot, rows, f"margingate audit, {name}")
+        _say(args, f"plot written to {args.plot}")
+    return EXIT_FAILURE if summary["failed"] else EXIT_OK
+
+
+def _write_audit_plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r["provider"] or r["verdict"], []).extend(r["scores"])
+    # Scores span exact zeros (honest) to ~30 logits: log bins, zeros drawn in the first bin.
+    floor = 1e-3
+    finite = [s for v in groups.values() for s in v if math.isfinite(s)]
+    top = max([1.0, *finite])
+    bins = np.logspace(math.log10(floor), math.log10(top * 1.05), 50)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for label, scores in groups.items():
+        values = np.clip(np.array([s for s in scores if math.isfinite(s)], dtype=np.float64), floor, top)
+        zeros = sum(1 for s in scores if s == 0)
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{label} ({len(scores)} tokens, {zeros} at 0)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"Token-DiFR score (logit units; 0 plotted at {floor:g})")
+    ax.set_ylabel("tokens")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- entry point
 COMMANDS = {"check": cmd_check, "flips": cmd_flips, "calibrate": cmd_calibrate, "bench": cmd_bench}
+COMMANDS.update({"generate": cmd_generate, "audit": cmd_audit})
 
 
 def _reexec_with_passive_openmp(argv: Sequence[str]) -> None:
@@ -986,7 +1222,7 @@ def _reexec_with_passive_openmp(argv: Sequence[str]) -> None:
     partitioning); only the idle threads sleep instead of spinning."""
     if "OMP_WAIT_POLICY" in os.environ or os.environ.get("MARGINGATE_NO_REEXEC"):
         return
-    if not argv or argv[0] not in ("check", "flips", "calibrate"):
+    if not argv or argv[0] not in ("check", "flips", "calibrate", "generate", "audit"):
         return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", MARGINGATE_NO_REEXEC="1")
     sys.stdout.flush()
