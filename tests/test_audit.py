@@ -393,3 +393,21 @@ def test_parse_errors_name_the_transcript():
         margingate.audit(build_model("llama"), [GOOD, {"prompt_ids": [1]}])
     with pytest.raises(ValueError, match="text prompt; pass tokenizer="):
         margingate.audit(build_model("llama"), [Transcript(output_ids=[3], prompt="hi")])
+
+
+def test_sampled_generate_transcripts_audit_to_exactly_zero():
+    """Sampling in ``generate`` and the audit share one convention (per-prompt seed, position = real
+    tokens before the token): honest sampled transcripts of every exact policy score exactly 0."""
+    from margingate.sampling import prompt_seed
+
+    model = build_model("llama", torch.bfloat16)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    seeds = [prompt_seed(3, i) for i in range(3)]
+    for policy, batch_size in (("margin", 2), ("always", 3), ("window", 1)):
+        r = margingate.generate(model, prompts, policy=policy, temperature=0.8, top_k=20, seed=seeds,
+                                max_new_tokens=12, batch_size=batch_size, stop_at_eos=False)
+        transcripts = transcripts_from_generation(prompts, r.sequences)
+        for t, seed in zip(transcripts, seeds, strict=True):
+            t.temperature, t.seed, t.top_k = 0.8, seed, 20
+        summary = margingate.audit(model, transcripts)["summary"]
+        assert summary["exact"] == 3 and summary["max_score"] == 0.0, (policy, summary)

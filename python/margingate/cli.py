@@ -1005,6 +1005,10 @@ def _add_audit_parsers(sub) -> None:
     gen.add_argument("--policy", choices=POLICIES, default="margin", help="decoding policy (default margin)")
     gen.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per batch (default: all in one)")
     gen.add_argument("--threshold", type=_threshold_value, metavar="T", help="margin policy threshold (default: calibrated)")
+    gen.add_argument("--temperature", type=_threshold_value, default=0.0, metavar="T", help="sample at T > 0 (default greedy)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i gets its own stream, recorded per transcript")
+    gen.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K largest logits when sampling")
+    gen.add_argument("--min-p", type=_threshold_value, default=None, metavar="P", help="min-p truncation when sampling")
     gen.add_argument("--fingerprint", type=_positive_int, metavar="K", help="attach K-dimensional activation fingerprints")
     gen.add_argument("--fingerprint-seed", type=int, default=0, metavar="S", help="seed of the projection (default 0)")
     gen.add_argument(
@@ -1063,12 +1067,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--fingerprint-layer {layer!r} is not a module of {name}")
     prompts = _encode_prompts(raw_prompts, tokenizer, model)
     eos, pad = _eos_and_pad(model, tokenizer)
-    result = generate(
-        model, prompts, policy=args.policy, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, eos_token_id=eos, pad_token_id=pad, progress=not args.quiet,
-    )  # fmt: skip
+    from .sampling import prompt_seed
+
+    seeds = [prompt_seed(args.seed, i) for i in range(len(prompts))]
+    try:
+        result = generate(
+            model, prompts, policy=args.policy, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, eos_token_id=eos, pad_token_id=pad, progress=not args.quiet,
+            temperature=args.temperature, top_k=args.top_k, min_p=args.min_p, seed=seeds,
+        )  # fmt: skip
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
     provider = f"margingate {args.policy} batch {args.batch_size or len(prompts)}"
     transcripts = transcripts_from_generation(prompts, result.sequences, provider)
+    if args.temperature > 0:  # each transcript carries what the audit needs to re-sample it
+        for t, seed in zip(transcripts, seeds, strict=True):
+            t.temperature, t.seed, t.top_k, t.min_p = args.temperature, seed, args.top_k or 0, args.min_p or 0.0
     if args.fingerprint is not None:
         try:
             transcripts = fingerprints(
