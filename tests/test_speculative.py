@@ -270,3 +270,29 @@ def test_clear_errors():
 
     with pytest.raises(RuntimeError, match="drafter returned 0 rows"):
         margingate.generate(m, p, policy="always", speculative=2, drafter=Short(), max_new_tokens=4)
+
+
+def test_check_reports_speculative(tmp_path, capsys):
+    """``margingate check --speculative K``: an exact entry next to the policies, equal to always."""
+    import json
+
+    from margingate import cli
+
+    model().save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts()[:4]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = cli.main([
+            "check", "--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.jsonl"),
+            "--max-new-tokens", "8", "--batch-sizes", "1,3", "--policies", "off,always", "--speculative", "3",
+            "--quiet", "--json", str(tmp_path / "check.json"),
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "speculative (k=3, prompt lookup): acceptance" in out
+    entry = json.loads((tmp_path / "check.json").read_text())["policies"]["speculative"]
+    assert entry["deterministic"] and entry["matches_always"] == 4
+    assert entry["drafted"] >= entry["accepted"] >= 0 and entry["tokens_per_pass"] >= 1.0

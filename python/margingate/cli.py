@@ -234,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens between two checks of the window policy (LLM-42's default: 64)",
     )
     check.add_argument(
+        "--speculative",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="also run `always` by speculative decoding (prompt lookup, K draft tokens per round; exact)",
+    )
+    check.add_argument(
         "--strict",
         action="store_true",
         help="exit 1 also when margin is not deterministic on every prompt (always and invariant: always checked)",
@@ -771,11 +778,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"check: {n} prompts x {args.max_new_tokens} new tokens, configurations {configs}, "
         f"policies {', '.join(all_policies)}, threshold {threshold:.4g} ({source})",
     )
-    bar = _progress(args, len(args.batch_sizes) * len(all_policies), "check")
+    bar = _progress(args, len(args.batch_sizes) * (len(all_policies) + bool(args.speculative)), "check")
     try:
         report = check_report(
             model, prompts, policies=all_policies, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
             threshold=threshold, window=args.window, eos=eos, pad_id=pad, on_run=_ticker(bar),
+            speculative=args.speculative,
         )
     finally:
         _close(bar)
@@ -808,6 +816,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         ratio = report[f"increment_ratio_{baseline}_over_margin"]
         if ratio is not None:
             print(f"latency increment {baseline} / margin: {ratio:.2f}x" + (f" (paper: {paper})" if paper else ""))
+    if "speculative" in per_policy:
+        e = per_policy["speculative"]
+        print(
+            f"speculative (k={args.speculative}, prompt lookup): acceptance {_pct(e['acceptance_rate'])}, "
+            f"{e['tokens_per_pass']:.2f} tokens per verifier pass"
+        )
     off = per_policy["off"]
     if off["deterministic"]:
         print(
