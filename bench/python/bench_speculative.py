@@ -45,8 +45,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="8,1")
     parser.add_argument("-k", type=int, default=4, help="draft tokens per round")
     parser.add_argument("--mars", default="0.5,2.0", help="comma-separated MARS thresholds")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="checkpoint after every batch, final table included")
+    parser.add_argument("--report", default=None, help="only report a (partial) --json file")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        report({c: {int(b): r for b, r in by_bs.items()} for c, by_bs in saved["runs"].items()})
+        return
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     taus = [float(t) for t in args.mars.split(",") if t]
 
@@ -92,14 +97,29 @@ def main() -> None:
                     run["sequences"][i] = r.sequences[j]
                     run["rows"][i] = r.stats["per_row"][j]
             print(f"  batch {bs}: prompts {chunk[0]}-{chunk[-1]} done, {time.perf_counter() - t_start:.0f} s", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"args": vars(args), "build": margingate.build_info(), "runs": runs}))
+    rows = report(runs)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "build": margingate.build_info(), "rows": rows, "runs": runs}))
+
+
+def report(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """The table over the prompts decoded in every configuration and batch size (a partial
+    checkpoint: those done; the times then cover only the batches done in each batch size)."""
+    names = list(runs)
+    batch_sizes = list(runs[names[0]])
+    n = len(runs[names[0]][batch_sizes[0]]["sequences"])
+    done = [i for i in range(n) if all(runs[c][b]["sequences"][i] is not None for c in names for b in batch_sizes)]
+    print(f"# {len(done)}/{n} prompts decoded in every configuration and batch size")
     rows = []
     for name in names:
         for bs in batch_sizes:
             run, ref = runs[name][bs], runs["always"][bs]
-            per_row = run["rows"]
+            per_row = [run["rows"][i] for i in done]
             drafted = sum(r.get("drafted", 0) for r in per_row)
             accepted = sum(r.get("accepted", 0) for r in per_row)
-            steps = sum(len(s) for s in run["sequences"])
+            steps = sum(len(run["sequences"][i]) for i in done)
             row_passes = sum(r.get("passes", 0) for r in per_row)
             rows.append({
                 "config": name,
@@ -111,14 +131,11 @@ def main() -> None:
                 "tok/pass": steps / row_passes if row_passes else float("nan"),
                 "passes": run["passes"],
                 "mars_changed": sum(r.get("mars_changed", 0) for r in per_row),
-                "seqs=always": sum(a == b for a, b in zip(run["sequences"], ref["sequences"], strict=True)),
-                "same_all_bs": sum(
-                    all(runs[name][b]["sequences"][i] == run["sequences"][i] for b in batch_sizes) for i in range(n)
-                ),
+                "seqs=always": sum(run["sequences"][i] == ref["sequences"][i] for i in done),
+                "same_all_bs": sum(all(runs[name][b]["sequences"][i] == run["sequences"][i] for b in batch_sizes) for i in done),
             })
     print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "build": margingate.build_info(), "rows": rows, "runs": runs}))
+    return rows
 
 
 if __name__ == "__main__":
