@@ -155,6 +155,9 @@ def test_user_draft_model():
         print(f"\n{name} draft model: acceptance {rate:.2f}")
         if name == "close":
             assert rate > 0.8
+    # MARS with a draft model: its drafts are per row, so MARS stays batch-invariant
+    mars = run(policy="always", speculative=4, drafter=close, mars_threshold=1.0)
+    assert all(r.sequences == mars["alone"].sequences for r in mars.values())
 
 
 def test_statistics_add_up():

@@ -91,32 +91,38 @@ class ModelDrafter:
     """A user's draft model (a Hugging Face causal LM sharing the target's tokenizer) as drafter:
     ``k`` greedy tokens per row on the model's own kernels. Each row runs alone (batch of one) with
     its own cache, kept between rounds and cropped to the part of the context that did not
-    change, so a row's drafts depend on its tokens alone."""
+    change, so a row's drafts depend on its tokens alone. A context continues the kept cache whose
+    tokens share its longest prefix (each cache serves one context per call)."""
 
     def __init__(self, model: torch.nn.Module, vocab_limit: int | None = None) -> None:
         if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "forward", None)):
             raise TypeError(f"margingate.ModelDrafter: model must be a transformers causal LM, got {type(model).__name__}")
         self.model = model
         self.vocab_limit = vocab_limit  # drafts at or past it (not in the target's vocabulary) are cut
-        self._rows: dict[int, tuple[list[int], Any]] = {}  # row -> (tokens in its cache, cache)
+        self._kept: list[tuple[list[int], Any]] = []  # (tokens in the cache, cache), one per row
 
     def reset(self) -> None:
         """Forgets the per-row caches (``generate`` calls it before each batch)."""
-        self._rows.clear()
+        self._kept = []
 
     def propose(self, contexts: Sequence[Sequence[int]], k: int) -> list[list[int]]:
-        return [self._one(r, list(c), k) for r, c in enumerate(contexts)]
+        available, kept, out = list(self._kept), [], []
+        for c in contexts:
+            context = list(c)
+            shared = [_common_prefix(held, context) for held, _ in available]
+            best = max(range(len(shared)), key=shared.__getitem__, default=None)
+            held, cache = available.pop(best) if best is not None and shared[best] else ([], None)
+            drafts, entry = self._one(context, k, held, cache)
+            out.append(drafts)
+            kept.append(entry)
+        self._kept = kept  # rows that asked nothing this call have finished
+        return out
 
-    def _one(self, row: int, context: list[int], k: int) -> list[int]:
+    def _one(self, context: list[int], k: int, held: list[int], cache: Any) -> tuple[list[int], tuple[list[int], Any]]:
         if k < 1 or not context:
-            return []
+            return [], (held, cache)
         device = next(self.model.parameters()).device
-        held, cache = self._rows.get(row, ([], None))
-        same = 0
-        for a, b in zip(held, context, strict=False):
-            if a != b:
-                break
-            same += 1
+        same = _common_prefix(held, context)
         keep = min(same, len(context) - 1)  # the last context token is always fed, for its logits
         if cache is None or keep == 0:
             cache, keep = hf_compat.new_cache(), 0
@@ -140,8 +146,16 @@ class ModelDrafter:
                 if len(drafts) == k:
                     break
                 feed = [nxt]
-        self._rows[row] = (tokens, cache)
-        return drafts
+        return drafts, (tokens, cache)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def as_drafter(drafter: Any, target: torch.nn.Module) -> Any:
