@@ -241,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--min-p", type=_threshold_value, default=None, metavar="P",
                         help="keep logits whose probability is at least P x the largest")
     check.add_argument(
+        "--speculative",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="also run `always` by speculative decoding (prompt lookup, K draft tokens per round; exact)",
+    )
+    check.add_argument(
         "--strict",
         action="store_true",
         help="exit 1 also when margin is not deterministic on every prompt (always and invariant: always checked)",
@@ -779,6 +786,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as err:
             raise UsageError(str(err)) from None
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed}
+    if sampling and args.speculative:
+        raise UsageError("--speculative is greedy only; drop --temperature/--top-k/--min-p or --speculative")
     eos, pad = _eos_and_pad(model, tokenizer)
     n = len(prompts)
     all_policies = list(dict.fromkeys(["off", *policies]))
@@ -789,12 +798,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"policies {', '.join(all_policies)}, threshold {threshold:.4g} ({source})"
         + (f", sampling {sampling}" if sampling else ", greedy"),
     )
-    bar = _progress(args, len(args.batch_sizes) * len(all_policies), "check")
+    bar = _progress(args, len(args.batch_sizes) * (len(all_policies) + bool(args.speculative)), "check")
     try:
         report = check_report(
             model, prompts, policies=all_policies, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
             threshold=threshold, window=args.window, eos=eos, pad_id=pad, on_run=_ticker(bar),
             sampling=sampling,
+            speculative=args.speculative,
         )
     finally:
         _close(bar)
@@ -827,6 +837,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         ratio = report[f"increment_ratio_{baseline}_over_margin"]
         if ratio is not None:
             print(f"latency increment {baseline} / margin: {ratio:.2f}x" + (f" (paper: {paper})" if paper else ""))
+    if "speculative" in per_policy:
+        e = per_policy["speculative"]
+        print(
+            f"speculative (k={args.speculative}, prompt lookup): acceptance {_pct(e['acceptance_rate'])}, "
+            f"{e['tokens_per_pass']:.2f} tokens per verifier pass"
+        )
     off = per_policy["off"]
     if off["deterministic"]:
         print(

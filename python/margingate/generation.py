@@ -30,6 +30,7 @@ fast path producing a token and the token being final, and the time to the first
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,7 @@ from .canonical import canonical_forward
 from .policies import POLICIES, check_policy, check_threshold
 from .processor import MarginGateProcessor, summarize
 from .sampling import Sampling, check_seeds, choose
+from .speculative import _decode_speculative, as_drafter, check_speculative, summarize_speculative
 from .verifier import Verifier
 
 DEFAULT_WINDOW = 64  # LLM-42's default window
@@ -82,7 +84,11 @@ class GenerationResult:
     ``per_row`` (the same per prompt, in prompt order, plus ``repair_steps``), ``seconds`` (wall
     time of the decode loops); under ``window`` also ``window``, ``verify_passes``, ``rolled_back``
     (tentative tokens discarded), ``rollback_rate`` (rolled back / (rolled back + steps)),
-    ``redecoded_steps`` (decode steps spent re-feeding committed tokens after a rollback).
+    ``redecoded_steps`` (decode steps spent re-feeding committed tokens after a rollback); with
+    ``speculative`` also ``speculative``, ``mars_threshold``, ``exact``, ``drafted``, ``accepted``,
+    ``acceptance_rate``, ``verify_passes`` (canonical passes, prefill included), ``tokens_per_pass``
+    and ``mars_changed`` (per row also ``passes`` and ``mars_steps``; ``margins`` then holds the
+    canonical margin deciding each token).
     ``margins[i]``: prompt ``i``'s fast-path margin at every step, with ``record_margins=True``.
     """
 
@@ -121,6 +127,9 @@ def generate(
     min_p: float | None = None,
     top_p: float | None = None,
     seed: int | Sequence[int] = 0,
+    speculative: int | None = None,
+    mars_threshold: float | None = None,
+    drafter: Any = None,
     **unsupported: Any,
 ) -> GenerationResult:
     """Greedy decoding of ``prompts`` under ``policy`` (one of ``margingate.POLICIES``).
@@ -135,6 +144,11 @@ def generate(
     ``top_k`` / ``min_p``; ``seed`` is an int (prompt i gets its own stream ``prompt_seed(seed, i)``)
     or one int per prompt, so a prompt's tokens depend on its seed alone, in any batch and under
     every policy but ``off``. ``top_p`` is refused (no margin can gate its cut-off).
+    ``speculative`` (``always`` only): speculative decoding with up to ``k`` draft tokens per round,
+    each round verified by one canonical pass; the tokens equal ``always``'s bit for bit
+    (``margingate.speculative``). ``drafter``: ``None`` (prompt lookup), a draft causal LM sharing
+    the tokenizer, or an object with ``propose(contexts, k)``. ``mars_threshold`` (with
+    ``speculative``): MARS margin-aware acceptance, NOT equal to greedy (see ``stats["mars_changed"]``).
     Every argument is checked before anything runs; a bad one raises ``ValueError`` or
     ``TypeError`` and leaves the model as it was.
     """
@@ -152,8 +166,14 @@ def generate(
     _check_count(max_new_tokens, "max_new_tokens")
     _check_count(batch_size, "batch_size", allow_none=True)
     _check_count(window, "window")
+    check_speculative(speculative, mars_threshold, policy)
+    spec_drafter = as_drafter(drafter, model) if speculative is not None else None
+    if drafter is not None and speculative is None:
+        raise ValueError(f"{_WHERE}: drafter needs speculative=k")
     put = _streamer_put(streamer)
     sampling = Sampling.checked(temperature, top_k, min_p, top_p, _WHERE)
+    if speculative is not None and not sampling.greedy:
+        raise ValueError(f"{_WHERE}: speculative decoding is greedy only here; use temperature=0 or speculative=None")
     encoded = encode_prompts(prompts, tokenizer, hf_compat.vocab_size(model), _WHERE)
     seeds = check_seeds(seed, len(encoded), _WHERE)
     eos = hf_compat.as_token_ids(eos_token_id) if eos_token_id is not None else hf_compat.eos_ids(model, tokenizer)
@@ -181,6 +201,10 @@ def generate(
         for chunk in chunks:
             t0 = time.perf_counter()
             decode = _decode_window if policy == "window" else _decode_gated
+            if speculative is not None:
+                decode = functools.partial(
+                    _decode_speculative, speculative=speculative, mars_threshold=mars_threshold, drafter=spec_drafter
+                )
             out = decode(
                 model,
                 [encoded[i] for i in chunk],
@@ -216,6 +240,8 @@ def generate(
     if policy == "window":
         rolled = sum(r["rolled_back"] for r in per_row)
         totals.update(window=window, rolled_back=rolled, rollback_rate=rolled / (rolled + totals["steps"] or 1), **extras)
+    if speculative is not None:
+        totals.update(summarize_speculative(per_row, extras["verify_passes"], speculative, mars_threshold))
     return GenerationResult(sequences=sequences, stats=totals, margins=margins)
 
 

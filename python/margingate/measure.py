@@ -56,11 +56,17 @@ def decode_config(
     pad_id: int = 0,
     record_margins: bool = False,
     sampling: dict[str, Any] | None = None,
+    speculative: int | None = None,
 ) -> dict[str, Any]:
     """One configuration: ``generate`` over the prompts in ``config_order``; the result back in
     prompt order as ``{"sequences", "margins", "stats", "seconds"}``. ``sampling``: ``temperature``,
     ``top_k``, ``min_p``, ``seed`` (an int: prompt i keeps the stream ``prompt_seed(seed, i)`` of its
-    index in ``prompts``, whatever its place in the configuration)."""
+    index in ``prompts``, whatever its place in the configuration). ``policy="speculative"``:
+    ``always`` with ``speculative=speculative`` (draft tokens per round)."""
+    if policy == "speculative":
+        policy = "always"
+    else:
+        speculative = None
     order = config_order(len(prompts), batch_size)
     sampling = dict(sampling or {})
     seed = sampling.pop("seed", 0)
@@ -79,6 +85,7 @@ def decode_config(
         pad_token_id=pad_id,
         seed=seeds,
         **sampling,
+        speculative=speculative,
     )
     n = len(order)
     sequences: list[list[int]] = [[] for _ in range(n)]
@@ -249,6 +256,21 @@ def increment_ratio(per_policy: dict[str, dict[str, Any]], baseline: str, policy
     return inc_b / inc_p if inc_b > 0 and inc_p > 0 else None
 
 
+def _speculative_totals(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Acceptance over the configurations of a speculative entry (nothing for the others)."""
+    if not any("drafted" in s for s in stats):
+        return {}
+    drafted = sum(s["drafted"] for s in stats)
+    accepted = sum(s["accepted"] for s in stats)
+    passes = sum(r["passes"] for s in stats for r in s["per_row"])
+    return {
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "tokens_per_pass": sum(s["steps"] for s in stats) / passes if passes else 0.0,
+    }
+
+
 def check_report(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -262,8 +284,12 @@ def check_report(
     pad_id: int = 0,
     on_run: Callable[[str], None] | None = None,
     sampling: dict[str, Any] | None = None,
+    speculative: int | None = None,
 ) -> dict[str, Any]:
-    """Decodes ``prompts`` in every configuration under every policy (``off`` first; interleaved
+    """``speculative=k`` adds the entry ``"speculative"`` (``always`` decoded speculatively with k
+    draft tokens per round: exact, with ``acceptance_rate`` and ``tokens_per_pass``).
+
+    Decodes ``prompts`` in every configuration under every policy (``off`` first; interleaved
     configuration-major, so machine noise hits every policy alike) and reports per policy: prompts
     identical in all configurations, flips against the reference, trigger rate, repairs, time and
     latency increment over ``off``. ``exact_failures`` lists the exact policies (``always``,
@@ -271,7 +297,7 @@ def check_report(
     ``fastest_deterministic`` names the fastest policy whose sequences were identical in every
     configuration (``off`` included: on some CPUs the invariant kernels beat the vendor's)."""
     _require_two(batch_sizes)
-    policies = list(dict.fromkeys(["off", *policies]))
+    policies = list(dict.fromkeys(["off", *policies, *(["speculative"] if speculative else [])]))
     n = len(prompts)
     results: dict[str, dict[int, dict[str, Any]]] = {p: {} for p in policies}
     started = time.perf_counter()
@@ -282,6 +308,7 @@ def check_report(
             results[policy][b] = decode_config(
                 model, prompts, policy=policy, batch_size=b, max_new_tokens=max_new_tokens, threshold=threshold,
                 window=window, eos=eos, pad_id=pad_id, record_margins=(policy == "off"), sampling=sampling,
+                speculative=speculative,
             )
     reference = batch_sizes[0]
     off_seconds = sum(results["off"][b]["seconds"] for b in batch_sizes)
@@ -330,6 +357,7 @@ def check_report(
             "stream": runs[reference]["stats"]["stream"],
             "rolled_back": sum(runs[b]["stats"].get("rolled_back", 0) for b in batch_sizes),
             "verify_passes": sum(runs[b]["stats"].get("verify_passes", 0) for b in batch_sizes),
+            **_speculative_totals([runs[b]["stats"] for b in batch_sizes]),
             "per_config": {
                 str(b): {k: runs[b]["stats"][k] for k in ("seconds", "steps", "verified", "repairs", "stream")}
                 for b in batch_sizes
@@ -359,7 +387,9 @@ def check_report(
         and per_policy[fastest]["seconds"] < per_policy["off"]["seconds"],
         "deterministic": all(per_policy[p]["deterministic"] for p in gated),
         "determinism_failures": [p for p in gated if not per_policy[p]["deterministic"]],
-        "exact_failures": [p for p in EXACT_POLICIES if p in per_policy and not per_policy[p]["deterministic"]],
+        "exact_failures": [
+            p for p in (*EXACT_POLICIES, "speculative") if p in per_policy and not per_policy[p]["deterministic"]
+        ],
         "off_flip_events": off_events,
         "off_margin_quantiles": quantiles(step_margins),
         "step_margins": step_margins,
