@@ -54,6 +54,7 @@ import torch
 from . import hf_compat
 from .batching import left_pad
 from .canonical import canonical_forward
+from .noise import gumbel_noise, log_mg, noised_scores
 from .ops import linear, margin
 
 __all__ = [
@@ -297,8 +298,6 @@ def _candidates(x: torch.Tensor, temperature: float, top_k: int, min_p: float) -
     """[n, V] bool mask of the indices the sampler keeps (None: all), as ``sample_margin`` decides
     (cpp/include/margingate/sampling.h): top_k keeps exactly k, ties at the k-th value to the
     lowest indices; min_p keeps ``float32(x - max) >= float32(T * log_mg(min_p))``."""
-    from .noise import log_mg
-
     keep = None
     vocab = x.shape[-1]
     if 0 < top_k < vocab:
@@ -344,7 +343,6 @@ def token_scores(
         scores = x[rows, top1] - x[rows, gold]
         choice = top1
     else:
-        from .noise import gumbel_noise
         from .ops import sample_margin
 
         seed64 = int(seed) - (1 << 64) if int(seed) >= 1 << 63 else int(seed)
@@ -364,7 +362,7 @@ def token_scores(
             inside &= rank < top_k
         if min_p > 0:
             t64 = torch.tensor(temperature, dtype=torch.float32).double()
-            cut = (t64 * _log_mg(torch.tensor([min_p], dtype=torch.float32).double())).float().to(x.device)
+            cut = (t64 * log_mg(torch.tensor([min_p], dtype=torch.float32).double())).float().to(x.device)
             inside &= (x_gold - x.max(-1).values) >= cut
         scores = torch.where(
             gold == choice,
@@ -376,12 +374,6 @@ def token_scores(
         "scores": scores.tolist(),
         "reference_margins": ref_margin.tolist(),
     }
-
-
-def _log_mg(x: torch.Tensor) -> torch.Tensor:
-    from .noise import log_mg
-
-    return log_mg(x)
 
 
 def token_scores_materialised(
@@ -405,7 +397,6 @@ def token_scores_materialised(
         scores = x[rows, top1] - x[rows, gold]
         choice = top1
     else:
-        from .noise import noised_scores
 
         s = noised_scores(x, seed, positions, temperature)
         keep = _candidates(x, temperature, top_k, min_p)

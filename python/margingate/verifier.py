@@ -47,7 +47,6 @@ class Verifier:
         self.cache = cache
         self.canonical_upto = torch.full((batch_size,), int(canonical_upto), dtype=torch.long)
         self.replayed = torch.zeros(batch_size, dtype=torch.long)  # positions recomputed per row
-        self.calls = 0
         self.last_start: int | None = None  # first position replayed by the last call
 
     def verify_(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -64,30 +63,28 @@ class Verifier:
                 "must see the cache the fast path just appended to"
             )
         start = min(int(self.canonical_upto[rows].min()), length - 1)
-        device = input_ids.device
-        rows_dev = rows.to(device)
-        row_cache = hf_compat.cache_from_rows(self.cache, rows_dev, start)
-        logits = canonical_forward(
-            self.model,
-            input_ids.index_select(0, rows_dev)[:, start:],
-            attention_mask=attention_mask.index_select(0, rows_dev),
-            cache=row_cache,
-            logits_to_keep=1,
-        )[:, -1]
-        self._write_back_(row_cache, rows_dev, start, length)
-        self.replayed[rows] += length - start
-        self.canonical_upto[rows] = length
-        self.calls += 1
-        self.last_start = start
-        return logits
+        return self._replay_(input_ids, attention_mask, rows, start, logits_to_keep=1)[:, -1]
 
     def replay_(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
         """Canonical logits [R, L - start, V] of positions ``[start, L)`` of ``rows`` (every position,
         for a window check), repairing those K/V columns like ``verify_``. ``start`` must not lie
         past any of the rows' frontiers."""
-        length = input_ids.shape[1]
         if start > int(self.canonical_upto[rows].min()):
             raise RuntimeError("margingate.Verifier.replay_: start lies past a row's canonical frontier")
+        return self._replay_(input_ids, attention_mask, rows, start)
+
+    def rollback_(self, length: int) -> None:
+        """Drops every cache position from ``length`` on (all rows) and pulls the frontiers back."""
+        hf_compat.crop(self.cache, length)
+        self.canonical_upto.clamp_(max=length)
+
+    def _replay_(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, start: int, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """The one replay: the canonical forward of ``rows``' tokens ``[start, L)`` on a copy of their
+        cache prefix, then the repair of those columns in the shared cache (only after the forward
+        succeeded), the statistics and the new frontier L."""
+        length = input_ids.shape[1]
         rows_dev = rows.to(input_ids.device)
         row_cache = hf_compat.cache_from_rows(self.cache, rows_dev, start)
         logits = canonical_forward(
@@ -95,18 +92,13 @@ class Verifier:
             input_ids.index_select(0, rows_dev)[:, start:],
             attention_mask=attention_mask.index_select(0, rows_dev),
             cache=row_cache,
+            logits_to_keep=logits_to_keep,
         )
         self._write_back_(row_cache, rows_dev, start, length)
         self.replayed[rows] += length - start
         self.canonical_upto[rows] = length
-        self.calls += 1
         self.last_start = start
         return logits
-
-    def rollback_(self, length: int) -> None:
-        """Drops every cache position from ``length`` on (all rows) and pulls the frontiers back."""
-        hf_compat.crop(self.cache, length)
-        self.canonical_upto.clamp_(max=length)
 
     def _write_back_(self, row_cache: DynamicCache, rows: torch.Tensor, start: int, length: int) -> None:
         """The repair: columns ``[start, length)`` of the replayed rows into the shared cache."""
