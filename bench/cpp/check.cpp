@@ -7,7 +7,8 @@
 // same rows computed alone, at another position of another batch, from transposed copies and on
 // one thread; and, at the levels whose K-reduction order is a plain sequence of fp32 operations
 // (scalar: 8 interleaved multiply-then-add lanes; avx2 and neon: 8 fused multiply-add lanes),
-// linear against that sequence written out in scalar code. Attention and avx512's bf16 linear
+// linear against that sequence written out in scalar code; sample_margin against its definition
+// (sampling.h) evaluated plainly, index by index. Attention and avx512's bf16 linear
 // (whose dot-product instruction has its own internal rounding) are held to an error bound against
 // a double-precision reference, plus attention's batch/padding invariance, bit for bit.
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include "margingate/kv_patch.h"
 #include "margingate/linear.h"
 #include "margingate/margin.h"
+#include "margingate/sampling.h"
 
 namespace margingate::bench {
 namespace {
@@ -474,6 +476,186 @@ void check_attention(Checker& ck, const Parallel& parallel) {
   }
 }
 
+// ------------------------------------------------------------------------------------ sample_margin
+
+struct SampleRow {
+  uint64_t seed;
+  int64_t position;
+  float temperature;
+  int64_t top_k;
+  float min_p;
+};
+
+struct SampleOut {
+  std::vector<int64_t> token, runner_up;
+  std::vector<float> margin, cutoff;
+  Status status = Status::success();
+};
+
+SampleOut run_sampling(DType dtype, const void* logits, int64_t row_stride, int64_t col_stride, int64_t V,
+                       const std::vector<SampleRow>& rows, const Parallel& parallel) {
+  const int64_t B = static_cast<int64_t>(rows.size());
+  std::vector<int64_t> seed(B), position(B), top_k(B);
+  std::vector<float> temperature(B), min_p(B);
+  for (int64_t r = 0; r < B; ++r) {
+    seed[r] = static_cast<int64_t>(rows[r].seed);
+    position[r] = rows[r].position;
+    temperature[r] = rows[r].temperature;
+    top_k[r] = rows[r].top_k;
+    min_p[r] = rows[r].min_p;
+  }
+  SampleOut out;
+  out.token.assign(B, -7);
+  out.runner_up.assign(B, -7);
+  out.margin.assign(B, -7.0f);
+  out.cutoff.assign(B, -7.0f);
+  SamplingArgs a;
+  a.dtype = dtype;
+  a.logits = logits;
+  a.rows = B;
+  a.vocab = V;
+  a.row_stride = row_stride;
+  a.col_stride = col_stride;
+  a.seed = seed.data();
+  a.position = position.data();
+  a.temperature = temperature.data();
+  a.top_k = top_k.data();
+  a.min_p = min_p.data();
+  a.token = out.token.data();
+  a.runner_up = out.runner_up.data();
+  a.margin = out.margin.data();
+  a.cutoff_margin = out.cutoff.data();
+  out.status = sample_margin(a, parallel);
+  return out;
+}
+
+bool same_float(float a, float b) { return std::isnan(a) ? std::isnan(b) : a == b; }
+
+// sampling.h's definition, index by index: candidates from a full sort, every index's noise drawn,
+// the cut-off margin as the minimum over every outside index.
+void sampling_reference(const std::vector<float>& x, const SampleRow& p, int64_t& token, int64_t& runner_up,
+                        float& margin, float& cutoff) {
+  const int64_t V = static_cast<int64_t>(x.size());
+  const bool has_nan = std::any_of(x.begin(), x.end(), [](float v) { return std::isnan(v); });
+  if (p.temperature == 0.0f || has_nan) {
+    margin_reference(x, token, runner_up, margin);
+    cutoff = std::isnan(margin) ? NAN : INFINITY;
+    return;
+  }
+  const float T = p.temperature;
+  std::vector<int64_t> order(V);
+  for (int64_t i = 0; i < V; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return x[i] > x[j]; });
+  std::vector<int64_t> rank(V);
+  for (int64_t i = 0; i < V; ++i) rank[order[i]] = i;
+  const bool top_k = p.top_k > 0 && p.top_k < V, min_p = p.min_p > 0.0f;
+  const float kth = top_k ? x[order[p.top_k - 1]] : 0.0f, next = top_k ? x[order[p.top_k]] : 0.0f;
+  const float xmax = x[order[0]];
+  const float L = static_cast<float>(noise::mul(static_cast<double>(T), noise::log_mg(static_cast<double>(p.min_p))));
+  auto d = [&](int64_t i) { return x[i] == xmax ? 0.0f : x[i] - xmax; };
+  auto gap = [](float a, float b) { return a == b ? 0.0f : a - b; };
+  auto in_top_k = [&](int64_t i) { return !top_k || rank[i] < p.top_k; };
+  auto in_min_p = [&](int64_t i) { return !min_p || d(i) >= L; };
+  std::vector<float> score(V);
+  token = runner_up = -1;
+  for (int64_t i = 0; i < V; ++i) {
+    score[i] = x[i] / T + noise::gumbel(p.seed, p.position, i);
+    if (!(in_top_k(i) && in_min_p(i))) continue;
+    if (token < 0 || score[i] > score[token]) {
+      runner_up = token;
+      token = i;
+    } else if (runner_up < 0 || score[i] > score[runner_up]) {
+      runner_up = i;
+    }
+  }
+  margin = runner_up < 0 ? INFINITY : (score[token] == score[runner_up] ? 0.0f : T * (score[token] - score[runner_up]));
+  cutoff = INFINITY;
+  if (!top_k && !min_p) return;
+  if (top_k) cutoff = std::min(cutoff, gap(x[token], next));
+  if (min_p) cutoff = std::min(cutoff, gap(d(token), L));
+  for (int64_t i = 0; i < V; ++i) {
+    if (in_top_k(i) && in_min_p(i)) continue;
+    float D = 0.0f;
+    if (!in_top_k(i)) D = std::max(D, gap(kth, x[i]));
+    if (!in_min_p(i)) D = std::max(D, gap(L, d(i)));
+    const float E = score[i] >= score[token] ? 0.0f : T * (score[token] - score[i]);
+    cutoff = std::min(cutoff, std::max(D, E));
+  }
+}
+
+void check_sampling(Checker& ck, const Parallel& parallel) {
+  std::mt19937_64 rng(7);
+  // Mixed rows in one batch: no truncation, top-k (heap and selection paths, k = 1, k >= V),
+  // min-p (q = 1 keeps only the maxima), both, and greedy.
+  const std::vector<SampleRow> kinds = {
+      {11, 3, 0.7f, 0, 0.0f},    {12, 4, 0.7f, 50, 0.0f},  {13, 5, 1.3f, 0, 0.05f}, {14, 6, 0.7f, 40, 0.1f},
+      {15, 7, 0.0f, 50, 0.1f},   {16, 8, 0.9f, 1, 0.0f},   {17, 9, 0.8f, 5000, 0.0f}, {18, 10, 0.6f, 0, 1.0f},
+      {~0ull, -1, 2.0f, 1 << 20, 0.0f},
+  };
+  for (DType dtype : kDtypes) {
+    for (int64_t V : {int64_t{3001}, int64_t{40000}}) {
+      for (int kind = 0; kind < 3; ++kind) {
+        const int64_t B = static_cast<int64_t>(kinds.size());
+        const std::string name = std::string("sample_margin ") + dtype_name(dtype) + " V=" + std::to_string(V) +
+                                 " kind=" + std::to_string(kind);
+        Buffer buf(dtype, B * V);
+        std::uniform_real_distribution<float> uni(-6.f, 6.f);
+        for (int64_t i = 0; i < B * V; ++i) {
+          // distinct values / many ties / ties plus a NaN row and -inf entries
+          buf.set(i, kind == 0 ? uni(rng) : static_cast<float>(rng() % 9) * 0.5f);
+          if (kind == 2 && rng() % 50 == 0) buf.set(i, -INFINITY);
+        }
+        if (kind == 2) buf.set(2 * V + V / 3, NAN);
+        const std::vector<char> data = buf.packed();
+        const SampleOut got = run_sampling(dtype, data.data(), V, 1, V, kinds, parallel);
+        ck.expect(got.status.ok(), name + ": status " + got.status.message);
+        for (int64_t r = 0; r < B; ++r) {
+          std::vector<float> row(V);
+          for (int64_t c = 0; c < V; ++c) row[c] = buf.get(r * V + c);
+          int64_t t, u;
+          float m, cm;
+          sampling_reference(row, kinds[r], t, u, m, cm);
+          ck.expect(got.token[r] == t && got.runner_up[r] == u && same_float(got.margin[r], m) &&
+                        same_float(got.cutoff[r], cm),
+                    name + " row " + std::to_string(r) + ": got (" + std::to_string(got.token[r]) + ", " +
+                        std::to_string(got.runner_up[r]) + ", " + std::to_string(got.margin[r]) + ", " +
+                        std::to_string(got.cutoff[r]) + ") want (" + std::to_string(t) + ", " + std::to_string(u) +
+                        ", " + std::to_string(m) + ", " + std::to_string(cm) + ")");
+          // A row alone gives the same answer as in the batch.
+          const SampleOut alone = run_sampling(dtype, data.data() + r * V * dtype_size(dtype), V, 1, V, {kinds[r]},
+                                               parallel);
+          ck.expect(alone.token[0] == got.token[r] && alone.runner_up[0] == got.runner_up[r] &&
+                        same_float(alone.margin[0], got.margin[r]) && same_float(alone.cutoff[0], got.cutoff[r]),
+                    name + " row " + std::to_string(r) + ": alone differs from the batch");
+        }
+        // Strided rows take the scalar passes; one thread runs every row in turn: same answers.
+        Buffer wide(dtype, B * 2 * V);
+        for (int64_t i = 0; i < B * V; ++i) {
+          wide.bits[2 * i] = buf.bits[i];
+          wide.set(2 * i + 1, 1e30f);  // must never be read
+        }
+        const std::vector<char> wide_data = wide.packed();
+        for (const SampleOut& other : {run_sampling(dtype, wide_data.data(), 2 * V, 2, V, kinds, parallel),
+                                       run_sampling(dtype, data.data(), V, 1, V, kinds, serial())}) {
+          ck.expect(other.token == got.token && other.runner_up == got.runner_up &&
+                        std::equal(other.margin.begin(), other.margin.end(), got.margin.begin(), same_float) &&
+                        std::equal(other.cutoff.begin(), other.cutoff.end(), got.cutoff.begin(), same_float),
+                    name + ": strided or one-thread answers differ");
+        }
+      }
+    }
+  }
+  // Bad arguments are refused before anything is written.
+  const std::vector<char> data(2 * 8 * 4, 0);
+  for (const SampleRow& bad : {SampleRow{1, 0, -1.0f, 0, 0.0f}, SampleRow{1, 0, NAN, 0, 0.0f},
+                               SampleRow{1, 0, 0.7f, -3, 0.0f}, SampleRow{1, 0, 0.7f, 0, 1.5f}}) {
+    const SampleOut out = run_sampling(DType::kFloat32, data.data(), 8, 1, 8, {SampleRow{1, 0, 0.7f, 0, 0.0f}, bad},
+                                       parallel);
+    ck.expect(!out.status.ok() && out.token[0] == -7 && out.margin[0] == -7.0f,
+              "sample_margin: bad arguments rejected with nothing written");
+  }
+}
+
 // ------------------------------------------------------------------------------------ kv_patch
 
 void check_kv_patch(Checker& ck) {
@@ -522,6 +704,7 @@ int run_checks(const Parallel& parallel) {
       {"linear", [&](Checker& ck) { check_linear(ck, parallel); }},
       {"attention", [&](Checker& ck) { check_attention(ck, parallel); }},
       {"kv_patch", [&](Checker& ck) { check_kv_patch(ck); }},
+      {"sampling", [&](Checker& ck) { check_sampling(ck, parallel); }},
   };
   for (const auto& [op, fn] : ops) {
     Checker ck;

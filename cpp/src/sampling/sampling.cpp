@@ -49,15 +49,15 @@ inline float load(const T* row, int64_t c, int64_t col_stride) {
 
 // Pass 1: NaN check, maximum and the top-k cut-off. Returns false for a row holding NaN.
 template <typename T>
-bool plan_row(const T* row, int64_t vocab, int64_t col_stride, int64_t k, float min_p, bool simd, DType dtype,
-              RowPlan& plan) {
+bool plan_row(const T* row, int64_t vocab, int64_t col_stride, int64_t k, float min_p, const SimdPasses* simd,
+              DType dtype, RowPlan& plan) {
   float max_value = -INFINITY;
   const bool want_top_k = k > 0 && k < vocab;
   if (want_top_k && k + 1 <= 4096) {
     // A min-heap of the k + 1 largest keys: its minimum is the (k+1)-th, the next one the k-th.
     TopKHeap heap(static_cast<size_t>(k + 1));
     if (simd) {
-      if (!max_and_top_k_avx2(dtype, row, vocab, max_value, &heap)) return false;
+      if (!simd->max_and_top_k(dtype, row, vocab, max_value, &heap)) return false;
     } else {
       for (int64_t c = 0; c < vocab; ++c) {
         const float x = load(row, c, col_stride);
@@ -83,7 +83,7 @@ bool plan_row(const T* row, int64_t vocab, int64_t col_stride, int64_t k, float 
     plan.next_key = keys[static_cast<size_t>(k)];
     plan.kth_key = *std::min_element(keys.begin(), keys.begin() + k);
   } else if (simd) {
-    if (!max_and_top_k_avx2(dtype, row, vocab, max_value, nullptr)) return false;
+    if (!simd->max_and_top_k(dtype, row, vocab, max_value, nullptr)) return false;
   } else {
     for (int64_t c = 0; c < vocab; ++c) {
       const float x = load(row, c, col_stride);
@@ -134,7 +134,7 @@ float cutoff_margin_scalar(const T* row, int64_t vocab, int64_t col_stride, cons
 }
 
 template <typename T>
-void sample_row(const SamplingArgs& a, int64_t r, bool simd) {
+void sample_row(const SamplingArgs& a, int64_t r, const SimdPasses* simd) {
   const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
   const float temperature = a.temperature[r];
   auto greedy = [&]() {
@@ -158,7 +158,7 @@ void sample_row(const SamplingArgs& a, int64_t r, bool simd) {
   }
   NoisedTop2 top;
   if (simd) {
-    noised_top2_avx2(a.dtype, row, a.vocab, plan, top);
+    simd->noised_top2(a.dtype, row, a.vocab, plan, top);
   } else {
     noised_top2_scalar(row, a.vocab, a.col_stride, plan, top);
   }
@@ -170,7 +170,7 @@ void sample_row(const SamplingArgs& a, int64_t r, bool simd) {
     return;
   }
   const float best = plan.distance_inside(load(row, top.i1, a.col_stride));
-  a.cutoff_margin[r] = simd ? cutoff_margin_avx2(a.dtype, row, a.vocab, plan, top.s1, best)
+  a.cutoff_margin[r] = simd ? simd->cutoff_margin(a.dtype, row, a.vocab, plan, top.s1, best)
                             : cutoff_margin_scalar(row, a.vocab, a.col_stride, plan, top.s1, best);
 }
 
@@ -208,8 +208,13 @@ Status sample_margin(const SamplingArgs& a, const Parallel& parallel) {
   Status status = sample_margin_validate(a);
   if (!status.ok() || a.rows == 0) return status;
   (void)table();  // build the bound table once, before the threads race for it
-  // The AVX2 pass serves AVX-512 machines too (see sampling_avx2.cpp).
-  const bool simd = simd_level() >= SimdLevel::kAvx2 && a.col_stride == 1;
+  // The SIMD passes want a contiguous row; any other stride, and aarch64 (no NEON passes yet),
+  // take the scalar passes (same answer). The AVX2 passes serve AVX-512 machines too.
+  const SimdPasses* simd = nullptr;
+#if MARGINGATE_ARCH_X86
+  static constexpr SimdPasses kAvx2{&max_and_top_k_avx2, &noised_top2_avx2, &cutoff_margin_avx2};
+  if (a.col_stride == 1 && simd_level() >= SimdLevel::kAvx2) simd = &kAvx2;
+#endif
   parallel.for_range(a.rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       switch (a.dtype) {

@@ -148,12 +148,22 @@ inline void cutoff_step(const RowPlan& plan, const float* bound, float x, int64_
   best = std::fmin(best, std::fmax(d, excess(xs + noise::gumbel_from_bits(h))));
 }
 
-// AVX2 versions of the passes over a contiguous row, bit for bit the scalar passes' results.
+// SIMD versions of the passes over a contiguous row, bit for bit the scalar passes' results.
 // Pass 1: false for a row holding NaN; else the maximum, and every index that can enter `heap`
 // (if any) offered to it in increasing order.
+struct SimdPasses {
+  bool (*max_and_top_k)(DType dtype, const void* row, int64_t vocab, float& max_value, TopKHeap* heap);
+  void (*noised_top2)(DType dtype, const void* row, int64_t vocab, const RowPlan& plan, NoisedTop2& top);
+  float (*cutoff_margin)(DType dtype, const void* row, int64_t vocab, const RowPlan& plan, float token_score,
+                         float best);
+};
+
+#if MARGINGATE_ARCH_X86
+// sampling_avx2.cpp (x86-64 builds only).
 bool max_and_top_k_avx2(DType dtype, const void* row, int64_t vocab, float& max_value, TopKHeap* heap);
 void noised_top2_avx2(DType dtype, const void* row, int64_t vocab, const RowPlan& plan, NoisedTop2& top);
 float cutoff_margin_avx2(DType dtype, const void* row, int64_t vocab, const RowPlan& plan, float token_score,
                          float best);
+#endif
 
 }  // namespace margingate::sampling_impl
