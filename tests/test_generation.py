@@ -544,7 +544,8 @@ def test_window_equals_always_for_every_window_and_batch(family):
 def test_window_cache_after_rollback_is_the_canonical_cache():
     """After a run with rollbacks, the cache holds exactly what a canonical forward of the final
     sequences writes: the rolled-back tokens left nothing behind."""
-    from margingate.generation import _decode_window
+    from margingate.decoding import BatchJob
+    from margingate.generation import decode_window
     from margingate.sampling import Sampling
 
     model, prompts = model_of("llama"), prompts_of(seed=2)[:6]
@@ -557,10 +558,11 @@ def test_window_cache_after_rollback_is_the_canonical_cache():
 
     margingate.hf_compat.new_cache = recording_cache
     try:
-        out = _decode_window(
-            model, prompts, policy="window", threshold=None, window=5, max_new_tokens=14, eos=[], pad_id=0,
-            record_margins=False, put=None, bar=None, sampling=Sampling(), seeds=[0] * len(prompts),
+        job = BatchJob(
+            prompts=prompts, policy="window", threshold=None, window=5, max_new_tokens=14, eos=[], pad_id=0,
+            sampling=Sampling(), seeds=[0] * len(prompts),
         )
+        out = decode_window(model, job)
     finally:
         margingate.hf_compat.new_cache = real_new_cache
     assert sum(r["rolled_back"] for r in out.rows) > 0, "no rollback happened: the test would prove nothing"

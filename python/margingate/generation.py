@@ -1,6 +1,6 @@
 """``margingate.generate``: greedy decoding under a policy, in margingate's own decode loop.
 
-One decode step of a left-padded batch, top to bottom (``_decode_gated``: ``off``, ``margin``,
+One decode step of a left-padded batch, top to bottom (``decode_gated``: ``off``, ``margin``,
 ``always``, ``invariant``):
 
 1. prefill: ``margin``, ``always`` and ``invariant`` run the prompt once with the canonical forward
@@ -12,7 +12,7 @@ One decode step of a left-padded batch, top to bottom (``_decode_gated``: ``off`
 3. the token is the argmax of the (partly verified) scores; finished rows get the pad id;
 4. the next forward runs the new tokens on the fast path (under ``invariant``: canonically).
 
-``window`` (LLM-42's scheme on our verifier, ``_decode_window``) decodes on the fast path and every
+``window`` (LLM-42's scheme on our verifier, ``decode_window``) decodes on the fast path and every
 ``window`` tokens replays the unverified positions of every row in one canonical pass: the matching
 prefix is committed, the verifier's token replaces the first mismatch, the rest is rolled back
 (the cache cropped) and decoded again. The canonical forward is query-invariant, so the tokens do
@@ -38,12 +38,12 @@ from typing import Any
 import torch
 
 from . import hf_compat
-from .batching import encode_prompts, left_pad, position_ids
-from .canonical import canonical_forward
+from .batching import encode_prompts, left_pad
+from .decoding import BatchJob, Clock, Outcome, cut_at_eos, forward_last
 from .policies import POLICIES, check_policy, check_threshold
 from .processor import MarginGateProcessor, summarize
 from .sampling import Sampling, check_seeds, choose
-from .speculative import _decode_speculative, as_drafter, check_speculative, summarize_speculative
+from .speculative import as_drafter, check_speculative, decode_speculative, summarize_speculative
 from .verifier import Verifier
 
 DEFAULT_WINDOW = 64  # LLM-42's default window
@@ -200,26 +200,26 @@ def generate(
     try:
         for chunk in chunks:
             t0 = time.perf_counter()
-            decode = _decode_window if policy == "window" else _decode_gated
+            decode = decode_window if policy == "window" else decode_gated
             if speculative is not None:
                 decode = functools.partial(
-                    _decode_speculative, speculative=speculative, mars_threshold=mars_threshold, drafter=spec_drafter
+                    decode_speculative, k=speculative, mars_threshold=mars_threshold, drafter=spec_drafter
                 )
-            out = decode(
-                model,
-                [encoded[i] for i in chunk],
+            job = BatchJob(
+                prompts=[encoded[i] for i in chunk],
                 policy=policy,
                 threshold=threshold,
                 window=window,
                 max_new_tokens=max_new_tokens,
                 eos=eos,
                 pad_id=int(pad_token_id),
+                sampling=sampling,
+                seeds=[seeds[i] for i in chunk],
                 record_margins=record_margins,
                 put=None if put is None else (lambda r, tokens, chunk=chunk: put(chunk[r], tokens)),
                 bar=bar,
-                sampling=sampling,
-                seeds=[seeds[i] for i in chunk],
             )
+            out = decode(model, job)
             seconds += time.perf_counter() - t0
             threshold_used = out.threshold
             for key, value in out.extras.items():
@@ -256,129 +256,57 @@ def _streamer_put(streamer: Any):
     raise TypeError(f"{_WHERE}: streamer must be callable or have a put(prompt_index, tokens) method")
 
 
-@dataclasses.dataclass
-class _Outcome:
-    """One batch: per row its tokens (up to its first EOS), statistics and fast-path margins."""
-
-    tokens: list[list[int]]
-    rows: list[dict[str, Any]]
-    margins: list[list[float]]
-    threshold: float
-    extras: dict[str, int]
-
-
-class _Clock:
-    """Finality bookkeeping of one batch: when each row's tokens were produced and made final."""
-
-    def __init__(self, batch: int, put) -> None:
-        self.start = time.perf_counter()
-        self.produced: list[list[float]] = [[] for _ in range(batch)]  # per tentative token
-        self.delays: list[list[float]] = [[] for _ in range(batch)]
-        self.ttft: list[float | None] = [None] * batch
-        self.put = put
-
-    def final(self, row: int, tokens: list[int], produced: list[float]) -> None:
-        now = time.perf_counter()
-        if not tokens:
-            return
-        self.delays[row] += [now - t for t in produced]
-        if self.ttft[row] is None:
-            self.ttft[row] = now - self.start
-        if self.put is not None:
-            self.put(row, list(tokens))
-
-    def row_stats(self, row: int) -> dict[str, Any]:
-        return {"final_delays": self.delays[row], "ttft": self.ttft[row]}
-
-
-def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
-    end = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-    return row[:end]
-
-
-def _decode_gated(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    *,
-    policy: str,
-    threshold: float | None,
-    window: int,
-    max_new_tokens: int,
-    eos: list[int],
-    pad_id: int,
-    record_margins: bool,
-    put,
-    bar: Any,
-    sampling: Sampling,
-    seeds: list[int],
-) -> _Outcome:
+def decode_gated(model: torch.nn.Module, job: BatchJob) -> Outcome:
     """One left-padded batch under a per-step policy (``off``, ``margin``, ``always``, ``invariant``):
     every token is final at its own step."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(job.prompts, job.pad_id, device)
     batch, prompt_length = ids.shape
     cache = hf_compat.new_cache()
-    canonical_prefill = policy != "off"
-    everything_canonical = policy == "invariant"
+    canonical_prefill = job.policy != "off"
+    everything_canonical = job.policy == "invariant"
     proc = MarginGateProcessor(
         model,
         cache,
-        policy="off" if everything_canonical else policy,
-        threshold=threshold,
+        policy="off" if everything_canonical else job.policy,
+        threshold=job.threshold,
         attention_mask=mask,
         canonical_upto=prompt_length if canonical_prefill else 0,
-        eos_token_id=eos,
-        record_margins=record_margins,
-        sampling=sampling,
-        seeds=seeds,
+        eos_token_id=job.eos,
+        record_margins=job.record_margins,
+        sampling=job.sampling,
+        seeds=job.seeds,
     )
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    eos_set = set(eos)
+    eos_ids = torch.tensor(job.eos, dtype=torch.long, device=device)
+    eos_set = set(job.eos)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    clock = _Clock(batch, put)
+    clock = Clock(batch, job.put)
     with torch.inference_mode():
-        logits = _forward(model, ids, mask, cache, canonical=canonical_prefill)
-        for step in range(max_new_tokens):
+        logits = forward_last(model, ids, mask, cache, canonical=canonical_prefill)
+        for step in range(job.max_new_tokens):
             produced = time.perf_counter()
             proc(ids, logits)
             token = proc.last_tokens.to(device)
-            token = torch.where(finished, torch.full_like(token, pad_id), token)
+            token = torch.where(finished, torch.full_like(token, job.pad_id), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
             for r, (t, done) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
                 if not done:
                     clock.final(r, [t], [produced])
             finished |= torch.isin(token, eos_ids)
-            if bar is not None:
-                bar.update()
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                if bar is not None:
-                    bar.update(max_new_tokens - 1 - step)
+            job.advance()
+            if step == job.max_new_tokens - 1 or bool(finished.all()):
+                job.advance(job.max_new_tokens - 1 - step)
                 break
-            logits = _forward(model, token[:, None], mask, cache, canonical=everything_canonical)
-    tokens = [_cut_at_eos(row, eos_set) for row in ids[:, prompt_length:].cpu().tolist()]
+            logits = forward_last(model, token[:, None], mask, cache, canonical=everything_canonical)
+    tokens = [cut_at_eos(row, eos_set) for row in ids[:, prompt_length:].cpu().tolist()]
     stats = proc.stats()["per_row"]
     rows = [{**stats[r], **clock.row_stats(r)} for r in range(batch)]
     margins = [[float(m[r]) for m in proc.margins] for r in range(batch)]
-    return _Outcome(tokens, rows, margins, proc.threshold, {})
+    return Outcome(tokens, rows, margins, proc.threshold, {})
 
 
-def _decode_window(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    *,
-    policy: str,
-    threshold: float | None,
-    window: int,
-    max_new_tokens: int,
-    eos: list[int],
-    pad_id: int,
-    record_margins: bool,
-    put,
-    bar: Any,
-    sampling: Sampling,
-    seeds: list[int],
-) -> _Outcome:
+def decode_window(model: torch.nn.Module, job: BatchJob) -> Outcome:
     """One left-padded batch under ``window``: fast decoding, a canonical check of every row's
     unverified tokens every ``window`` tokens (and when every row has stopped), commit up to the
     first mismatch, take the verifier's token there, roll the rest back and decode it again.
@@ -386,13 +314,13 @@ def _decode_window(
     Invariant at the top of the loop: ``ids`` holds L tokens and the cache L - 1 positions (the
     last token is not yet forwarded). Positions below ``final_len[b]`` are final for row ``b``."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(job.prompts, job.pad_id, device)
     batch, prompt_length = ids.shape
-    limit = prompt_length + max_new_tokens
-    eos_set = set(eos)
+    limit = prompt_length + job.max_new_tokens
+    eos_set = set(job.eos)
     cache = hf_compat.new_cache()
     verifier = Verifier(model, cache, batch, canonical_upto=prompt_length)
-    clock = _Clock(batch, put)
+    clock = Clock(batch, job.put)
     committed: list[list[int]] = [[] for _ in range(batch)]
     produced_at: list[list[float]] = [[] for _ in range(batch)]  # per tentative token of each row
     margins: list[list[float]] = [[] for _ in range(batch)]
@@ -404,7 +332,7 @@ def _decode_window(
 
     def done(b: int) -> bool:  # final: the row's committed tokens end in EOS or fill the budget
         c = committed[b]
-        return len(c) >= max_new_tokens or (bool(c) and c[-1] in eos_set)
+        return len(c) >= job.max_new_tokens or (bool(c) and c[-1] in eos_set)
 
     def tentative_end(b: int, length: int) -> int:  # one past the row's last real token
         for p in range(prompt_length + len(committed[b]), length):
@@ -420,18 +348,17 @@ def _decode_window(
     def commit(b: int, tokens: list[int], produced: list[float]) -> None:
         committed[b] += tokens
         clock.final(b, tokens, produced)
-        if bar is not None:
-            bar.update(len(tokens))
+        job.advance(len(tokens))
 
-    seeds_t = torch.tensor(seeds, dtype=torch.long)
+    seeds_t = torch.tensor(job.seeds, dtype=torch.long)
 
     def pick(logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        token, gate = choose(logits, sampling, None if sampling.greedy else seeds_t[rows], positions)
+        token, gate = choose(logits, job.sampling, None if job.sampling.greedy else seeds_t[rows], positions)
         return token.cpu(), gate.cpu()
 
     all_rows = torch.arange(batch)
     with torch.inference_mode():
-        logits = _forward(model, ids, mask, cache, canonical=True)
+        logits = forward_last(model, ids, mask, cache, canonical=True)
         first, first_margin = pick(logits, mask.sum(dim=1), all_rows)
         for b in range(batch):
             commit(b, [int(first[b])], [time.perf_counter()])
@@ -442,7 +369,7 @@ def _decode_window(
             length = ids.shape[1]
             ids_list = ids.cpu().tolist()
             stopped = all(done(b) or tentative_end(b, length) < length or length >= limit for b in range(batch))
-            if length - last_check >= window or stopped:
+            if length - last_check >= job.window or stopped:
                 # -- the check: one canonical pass over every row's unverified positions
                 hf_compat.extend(cache, 1)  # room for the last token, which the replay computes
                 rows = [b for b in range(batch) if not done(b)]
@@ -487,13 +414,13 @@ def _decode_window(
                 if cut < length:  # roll back: every row re-feeds its committed tokens from `cut`
                     verifier.rollback_(cut)
                     ids, mask = ids[:, :cut], mask[:, :cut]
-                    token = torch.tensor([_forced(committed[b], cut - prompt_length, pad_id) for b in range(batch)])
+                    token = torch.tensor([_forced(committed[b], cut - prompt_length, job.pad_id) for b in range(batch)])
                     append(token)
                     extras["redecoded_steps"] += 1
                 else:  # every checked row matched: the verifier's next token is final
-                    token = torch.full((batch,), pad_id, dtype=torch.long)
+                    token = torch.full((batch,), job.pad_id, dtype=torch.long)
                     for b, t in following.items():
-                        if len(committed[b]) < max_new_tokens:
+                        if len(committed[b]) < job.max_new_tokens:
                             commit(b, [t], [time.perf_counter()])
                             margins[b].append(float("nan"))  # decided by the verifier: no fast step
                             token[b] = t
@@ -501,11 +428,11 @@ def _decode_window(
                 last_check = ids.shape[1]
                 continue
             # -- a fast step: forward the last token, choose the next (forced where already final)
-            logits = _forward(model, ids[:, -1:], mask, cache, canonical=False)
+            logits = forward_last(model, ids[:, -1:], mask, cache, canonical=False)
             produced = time.perf_counter()
             fast, fast_margin = pick(logits, mask.sum(dim=1), all_rows)
             position = length - prompt_length
-            token = torch.full((batch,), pad_id, dtype=torch.long)
+            token = torch.full((batch,), job.pad_id, dtype=torch.long)
             forced_any = False
             for b in range(batch):
                 if position < len(committed[b]):
@@ -523,20 +450,12 @@ def _decode_window(
         rows_stats[b]["steps"] = rows_stats[b]["verified"] = len(committed[b])
         rows_stats[b]["replayed_positions"] = int(verifier.replayed[b])
     rows = [{**rows_stats[b], **clock.row_stats(b)} for b in range(batch)]
-    tokens = [_cut_at_eos(c, eos_set) for c in committed]
-    return _Outcome(tokens, rows, margins if record_margins else [[] for _ in range(batch)], 0.0, extras)
+    tokens = [cut_at_eos(c, eos_set) for c in committed]
+    return Outcome(tokens, rows, margins if job.record_margins else [[] for _ in range(batch)], 0.0, extras)
 
 
 def _forced(committed: list[int], position: int, pad_id: int) -> int:
     return committed[position] if position < len(committed) else pad_id
-
-
-def _forward(model, input_ids, mask, cache, *, canonical: bool) -> torch.Tensor:
-    """Logits [B, V] of the last position after appending ``input_ids`` to ``cache``."""
-    if canonical:
-        return canonical_forward(model, input_ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
-    n = input_ids.shape[1]
-    return hf_compat.forward(model, input_ids, mask, position_ids(mask, n), cache, logits_to_keep=1)[:, -1]
 
 
 __all__ = ["DEFAULT_WINDOW", "POLICIES", "GenerationResult", "generate"]

@@ -1,7 +1,7 @@
 """Speculative decoding on the canonical verifier, exact or margin-aware (MARS).
 
 ``margingate.generate(..., policy="always", speculative=k)`` decodes a left-padded batch like this
-(``_decode_speculative``):
+(``decode_speculative``):
 
 1. canonical prefill of the prompts; the first token of each row is the canonical argmax;
 2. each round, a *drafter* proposes up to ``k`` tokens per unfinished row from the row's tokens so
@@ -42,6 +42,7 @@ import torch
 from . import hf_compat
 from .batching import left_pad
 from .canonical import canonical_forward
+from .decoding import BatchJob, Clock, Outcome, cut_at_eos
 from .ops import margin
 
 _WHERE = "margingate.generate"
@@ -217,25 +218,9 @@ def summarize_speculative(rows: list[dict[str, Any]], passes: int, k: int, mars_
     }
 
 
-def _decode_speculative(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    *,
-    policy: str,
-    threshold: float | None,
-    window: int,
-    max_new_tokens: int,
-    eos: list[int],
-    pad_id: int,
-    record_margins: bool,
-    put,
-    bar: Any,
-    speculative: int = 4,
-    mars_threshold: float | None = None,
-    drafter: Any = None,
-    sampling: Any = None,  # greedy only: generate refuses speculative decoding at temperature > 0
-    seeds: Any = None,
-):
+def decode_speculative(
+    model: torch.nn.Module, job: BatchJob, *, k: int = 4, mars_threshold: float | None = None, drafter: Any = None
+) -> Outcome:
     """One left-padded batch by speculative decoding on the canonical forward (module docstring).
 
     Invariant at the top of a round: the cache holds ``cached`` canonical positions, all of them
@@ -245,18 +230,17 @@ def _decode_speculative(
     row took part in, the prefill included), ``mars_changed``/``mars_steps`` (tokens MARS took
     from the runner-up), and those of the other loops. ``margins`` (``record_margins``): the
     canonical margin of the logits that decided each token."""
-    from .generation import _Clock, _cut_at_eos, _Outcome  # generation imports this module at its top
-
-    del policy, threshold, window  # speculative decoding verifies every token; no gate, no window
+    # Speculative decoding verifies every token (no gate, no window) and is greedy only here:
+    # job.policy is "always", job.threshold and job.window do not apply, job.sampling is greedy.
     drafter = as_drafter(drafter, model)
     if hasattr(drafter, "reset"):
         drafter.reset()
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(job.prompts, job.pad_id, device)
     batch, prompt_length = ids.shape
-    eos_set = set(eos)
+    eos_set = set(job.eos)
     cache = hf_compat.new_cache()
-    clock = _Clock(batch, put)
+    clock = Clock(batch, job.put)
     committed: list[list[int]] = [[] for _ in range(batch)]
     margins: list[list[float]] = [[] for _ in range(batch)]
     rows_stats = [
@@ -268,13 +252,12 @@ def _decode_speculative(
 
     def done(b: int) -> bool:
         c = committed[b]
-        return len(c) >= max_new_tokens or (bool(c) and c[-1] in eos_set)
+        return len(c) >= job.max_new_tokens or (bool(c) and c[-1] in eos_set)
 
     def commit(b: int, tokens: list[int], produced: float) -> None:
         committed[b] += tokens
         clock.final(b, tokens, [produced] * len(tokens))
-        if bar is not None:
-            bar.update(len(tokens))
+        job.advance(len(tokens))
 
     with torch.inference_mode():
         logits = canonical_forward(model, ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
@@ -289,14 +272,14 @@ def _decode_speculative(
             active = [b for b in range(batch) if not done(b)]
             # final tokens not yet in the cache, then drafts within the row's token budget
             heads = {b: committed[b][cached - prompt_length :] for b in active}
-            budget = {b: min(speculative, max_new_tokens - len(committed[b]) - 1) for b in active}
+            budget = {b: min(k, job.max_new_tokens - len(committed[b]) - 1) for b in active}
             asked = [b for b in active if budget[b] > 0]
-            proposed = drafter.propose([prompts[b] + committed[b] for b in asked], speculative) if asked else []
+            proposed = drafter.propose([job.prompts[b] + committed[b] for b in asked], k) if asked else []
             if len(proposed) != len(asked):
                 raise RuntimeError(f"{_WHERE}: the drafter returned {len(proposed)} rows for {len(asked)}")
             drafts = {b: [int(t) for t in p][: budget[b]] for b, p in zip(asked, proposed, strict=True)}
             width = max(len(heads[b]) + len(drafts.get(b, [])) for b in active)
-            block = torch.full((batch, width), pad_id, dtype=torch.long)
+            block = torch.full((batch, width), job.pad_id, dtype=torch.long)
             for b in active:
                 row = heads[b] + drafts.get(b, [])
                 block[b, : len(row)] = torch.tensor(row, dtype=torch.long)
@@ -336,9 +319,9 @@ def _decode_speculative(
     for b in range(batch):
         rows_stats[b]["steps"] = rows_stats[b]["verified"] = len(committed[b])
     rows = [{**rows_stats[b], **clock.row_stats(b)} for b in range(batch)]
-    tokens = [_cut_at_eos(c, eos_set) for c in committed]
-    out_margins = [m[: len(t)] for m, t in zip(margins, tokens, strict=True)] if record_margins else [[] for _ in range(batch)]
-    return _Outcome(tokens, rows, out_margins, 0.0, {"verify_passes": passes})
+    tokens = [cut_at_eos(c, eos_set) for c in committed]
+    out_margins = [m[: len(t)] for m, t in zip(margins, tokens, strict=True)] if job.record_margins else [[] for _ in range(batch)]
+    return Outcome(tokens, rows, out_margins, 0.0, {"verify_passes": passes})
 
 
 __all__ = ["Drafter", "ModelDrafter", "PromptLookupDrafter", "as_drafter", "check_speculative"]
