@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reference configuration, trigger rate, repairs, tokens/s and latency increment over "
         f"`off`. Defaults ({DEFAULT_LIMIT} prompts of the `all` set, {DEFAULT_MAX_NEW_TOKENS} new "
         f"tokens, batch sizes {','.join(map(str, DEFAULT_BATCH_SIZES))}) keep the run on the "
-        "default model to about 6 minutes on a busy 2-core CPU including the one-time model "
-        "conversion (measured: 5 min 42 s from an empty cache), and make `off` flip on several prompts.",
+        "default model to about 4-6 minutes on a 2-core CPU including the one-time model conversion "
+        "(1-2 minutes), and make `off` flip on several prompts.",
     )
     _add_model_options(check, prompts_help=PROMPTS_HELP + " (default: all)")
     _add_threshold_options(check)
