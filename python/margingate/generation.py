@@ -197,14 +197,12 @@ def generate(
     margins: list[list[float]] | None = [[] for _ in encoded] if record_margins else None
     seconds, threshold_used = 0.0, 0.0
     extras: dict[str, int] = {}
+    decode = decode_window if policy == "window" else decode_gated
+    if speculative is not None:
+        decode = functools.partial(decode_speculative, k=speculative, mars_threshold=mars_threshold, drafter=spec_drafter)
     try:
         for chunk in chunks:
             t0 = time.perf_counter()
-            decode = decode_window if policy == "window" else decode_gated
-            if speculative is not None:
-                decode = functools.partial(
-                    decode_speculative, k=speculative, mars_threshold=mars_threshold, drafter=spec_drafter
-                )
             job = BatchJob(
                 prompts=[encoded[i] for i in chunk],
                 policy=policy,
