@@ -388,8 +388,9 @@ void check_attention(Checker& ck, const Parallel& parallel) {
     for (int64_t b = 0; b < sh.B; ++b) start[b] = b == 0 ? 0 : static_cast<int64_t>(rng() % (sh.Tk - sh.Tq + 1));
     const std::vector<char> q = qb.packed(), k = kb.packed(), v = vb.packed();
     const float scale = 1.0f / std::sqrt(static_cast<float>(sh.D));
+    // d_stride 2: k and v hold every element twice as far apart along D (the scalar kernel's path).
     auto run = [&](int64_t B, const std::vector<char>& qd, const std::vector<char>& kd, const std::vector<char>& vd,
-                   const int64_t* kv_start, const Parallel& par) {
+                   const int64_t* kv_start, const Parallel& par, int64_t d_stride = 1) {
       std::vector<char> o(static_cast<size_t>(B * sh.Hq * sh.Tq * sh.D * dtype_size(sh.dtype)));
       AttentionArgs a;
       a.dtype = sh.dtype;
@@ -407,7 +408,7 @@ void check_attention(Checker& ck, const Parallel& parallel) {
       const int64_t ks[4] = {sh.Hkv * sh.Tk * sh.D, sh.Tk * sh.D, sh.D, 1};
       for (int d = 0; d < 4; ++d) {
         a.q_stride[d] = a.o_stride[d] = qs[d];
-        a.k_stride[d] = a.v_stride[d] = ks[d];
+        a.k_stride[d] = a.v_stride[d] = ks[d] * d_stride;
       }
       a.kv_start = kv_start;
       a.causal = sh.causal;
@@ -473,6 +474,17 @@ void check_attention(Checker& ck, const Parallel& parallel) {
     const std::vector<char> o1 = run(1, q1, k1, v1, &start[b], parallel);
     ck.expect(std::memcmp(o1.data(), o.data() + b * qrow, qrow) == 0, name + ": a row alone differs from the batch");
     ck.expect(same_bits(run(sh.B, q, k, v, start.data(), serial()), o), name + ": one thread gives other bits");
+    // Every SIMD level performs the scalar kernel's operations (attention_impl.h): K and V strided
+    // along D take the scalar kernel, and must give the same bits as this level's kernel.
+    Buffer kw(sh.dtype, 2 * nk), vw(sh.dtype, 2 * nk);
+    for (int64_t i = 0; i < nk; ++i) {
+      kw.bits[2 * i] = kb.bits[i];
+      vw.bits[2 * i] = vb.bits[i];
+      kw.set(2 * i + 1, NAN);  // must never be read
+      vw.set(2 * i + 1, NAN);
+    }
+    ck.expect(same_bits(run(sh.B, q, kw.packed(), vw.packed(), start.data(), parallel, 2), o),
+              name + ": the scalar kernel (strided K/V) gives other bits");
   }
 }
 
