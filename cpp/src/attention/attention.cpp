@@ -248,8 +248,10 @@ Status attention(const AttentionArgs& args, const Parallel& parallel) {
   const Kernels& kern = level == SimdLevel::kAvx512 ? kernels_avx512()
                         : level == SimdLevel::kAvx2 ? kernels_avx2()
                                                     : kernels_scalar();
+#elif MARGINGATE_ARCH_ARM64
+  const Kernels& kern = level == SimdLevel::kNeon ? kernels_neon() : kernels_scalar();
 #else
-  const Kernels& kern = kernels_scalar();  // no SIMD attention kernels for this architecture yet
+  const Kernels& kern = kernels_scalar();  // no SIMD attention kernels for this architecture
   (void)level;
 #endif
 

@@ -1,9 +1,9 @@
 // Internal to the attention kernels: the canonical arithmetic shared by every SIMD level, and the
 // interface between the driver (attention.cpp: grouping, threads, conversions) and the per-level
-// chunk kernels (attention.cpp scalar, attention_avx2.cpp, attention_avx512.cpp).
+// chunk kernels (attention.cpp scalar, attention_avx2.cpp, attention_avx512.cpp, attention_neon.cpp).
 //
 // The canonical arithmetic (each SIMD level performs exactly these IEEE fp32 operations, so the
-// scalar and AVX-512 paths agree bit for bit; see the invariance argument in attention.cpp):
+// scalar, AVX2, AVX-512 and NEON paths agree bit for bit; see the invariance argument in attention.cpp):
 //   score(q, t)  = (fma-chain over d = 0..D-1 of q[d] * k[t][d], starting at +0) * c2,
 //                  c2 = float(scale * log2(e))           (softmax in base 2)
 //   chunk c of a query: keys [lo + 64 c, min(lo + 64 c + 64, hi + 1)), lo = first visible key
@@ -115,6 +115,9 @@ const Kernels& kernels_scalar();
 #if MARGINGATE_ARCH_X86
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
+#endif
+#if MARGINGATE_ARCH_ARM64
+const Kernels& kernels_neon();
 #endif
 
 // Element access with element strides, for the scalar path and the driver.
