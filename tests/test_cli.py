@@ -95,7 +95,7 @@ def test_flips_table_json_plot(tiny, tmp_path, capsys):
     assert "fast-path flips" in out and "flip rate" in out and "margin quantiles" in out
     report = json.loads(report_path.read_text())
     assert report["command"] == "flips"
-    documented = {"command", "model", "prompt_set", "prompts", "max_new_tokens", "batch_sizes",
+    documented = {"command", "model", "machine", "prompt_set", "prompts", "max_new_tokens", "batch_sizes",
                   "reference_batch_size", "seconds", "steps", "configs", "flips", "flip_rate", "flip_events",
                   "flip_margin_max", "margin_perturbation_max", "margin_quantiles"}  # fmt: skip
     assert documented <= set(report), documented - set(report)
@@ -205,11 +205,15 @@ def check_report(tiny, tmp_path_factory):
 def test_check_report_fields(check_report):
     rc, report, png = check_report
     assert report["command"] == "check"
-    documented = {"command", "model", "prompt_set", "prompts", "max_new_tokens", "batch_sizes",
+    documented = {"command", "model", "machine", "prompt_set", "prompts", "max_new_tokens", "batch_sizes",
                   "reference_batch_size", "seconds", "threshold", "threshold_source", "policies",
                   "increment_ratio_always_over_margin", "deterministic", "determinism_failures",
                   "off_flip_events", "off_margin_quantiles"}  # fmt: skip
     assert documented <= set(report), documented - set(report)
+    # The timings are only meaningful with the machine they were taken on.
+    assert report["machine"]["simd"] == margingate.build_info()["simd"]
+    assert report["machine"]["threads"] == torch.get_num_threads() >= 1
+    assert report["machine"]["torch"] == torch.__version__
     assert list(report["policies"]) == ["off", "margin", "always"]
     assert report["prompts"] == NUM_PROMPTS and report["batch_sizes"] == [1, 3, 8]
     assert report["threshold"] == 1.0

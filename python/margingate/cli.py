@@ -585,6 +585,31 @@ def _model_info(model, name: str, dtype: str) -> dict[str, Any]:
     }
 
 
+def _machine_info() -> dict[str, Any]:
+    """What the timings of a report depend on: the SIMD level our kernels ran at, the threads, the versions."""
+    import transformers
+
+    from . import build_info
+
+    info = build_info()
+    return {
+        "simd": info["simd"],
+        "simd_reason": info["simd_reason"],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": bool(info["cuda"]) and torch.cuda.is_available(),
+    }
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    device = "cuda" if machine["cuda"] else f"cpu simd={machine['simd']} ({machine['simd_reason']})"
+    return (
+        f"machine: {device}, {machine['threads']} threads, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}"
+    )
+
+
 def _public(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k not in ("step_margins", "flip_margins")}
 
@@ -832,6 +857,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"\nmargingate check: {name}, {n} prompts x {args.max_new_tokens} new tokens, configurations {configs} "
         f"(reference {config_name(reference)}), threshold {threshold:.4g} ({source})"
     )
+    machine = _machine_info()
+    print(_machine_line(machine))
     print_table(table)
     for baseline, paper in (("window", "2.23x on Llama-3.1-8B vs LLM-42"), ("always", None)):
         ratio = report[f"increment_ratio_{baseline}_over_margin"]
@@ -873,6 +900,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     json_report = {
         "command": "check",
         "model": _model_info(model, name, args.dtype),
+        "machine": machine,
         "prompt_set": args.prompts,
         **_public(report),
         "threshold_source": source,
