@@ -639,6 +639,8 @@ def cmd_flips(args: argparse.Namespace) -> int:
     model, tokenizer, name = _load_model(args)
     prompts = _encode_prompts(raw_prompts, tokenizer, model)
     eos, pad = _eos_and_pad(model, tokenizer)
+    machine = _machine_info()
+    print(_machine_line(machine))
     report = _flips(args, model, prompts, eos, pad, "")
     _print_flips(report)
     if threshold is not None:
@@ -650,7 +652,13 @@ def cmd_flips(args: argparse.Namespace) -> int:
             f"flips at or above it: {sum(1 for m in report['flip_margins'] if m >= threshold)}"
         )
     step_margins, flip_margins = report["step_margins"], report["flip_margins"]
-    report = {"command": "flips", "model": _model_info(model, name, args.dtype), "prompt_set": args.prompts, **_public(report)}
+    report = {
+        "command": "flips",
+        "model": _model_info(model, name, args.dtype),
+        "machine": machine,
+        "prompt_set": args.prompts,
+        **_public(report),
+    }
     _write_json(args.json, report)
     if args.plot:
         write_plot(args.plot, step_margins, flip_margins, threshold, f"fast-path margins, {name}")
