@@ -196,6 +196,55 @@ def test_eos_stops_rows():
     assert s.stats["steps"] == sum(len(x) for x in s.sequences)
 
 
+class Split:
+    """Right every time for odd prompts, wrong every time for even ones: the odd rows accept every
+    draft and run ahead of the even ones, which take one token per pass."""
+
+    def __init__(self, target: list[list[int]], prompt_list: list[list[int]]):
+        self.full = [p + t for p, t in zip(prompt_list, target, strict=True)]
+
+    def propose(self, contexts, k):
+        out = []
+        for c in contexts:
+            c = list(c)
+            i = next(i for i, f in enumerate(self.full) if f[: len(c)] == c)
+            d = self.full[i][len(c) : len(c) + k]
+            out.append(d if i % 2 else [3 + (t + 1) % 300 for t in d])
+        return out
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_rows_ahead_sit_rounds_out(monkeypatch, capped):
+    """Rows that accept everything would run ahead of rows that accept nothing, and every pass
+    would re-feed their lead for all rows. With the cap, no pass is wider than ``k + 2``, and a
+    row ahead sits rounds out rather than shortening them: each row's rounds (passes, drafts,
+    acceptances) are the same in every batch configuration, and the tokens are always's. The
+    control (cap lifted) shows the widening the cap prevents."""
+    from margingate import speculative
+
+    k = 3
+    if not capped:
+        monkeypatch.setattr(speculative, "pass_width", lambda k: 10**9)
+    widths = []
+    forward = speculative.canonical_forward
+
+    def recording(model, ids, **kwargs):
+        if kwargs.get("logits_to_keep", 0) == 0:  # the decode passes (the prefill keeps 1)
+            widths.append(ids.shape[1])
+        return forward(model, ids, **kwargs)
+
+    monkeypatch.setattr(speculative, "canonical_forward", recording)
+    results = run(policy="always", speculative=k, drafter=Split(always(), prompts()))
+    rounds = {name: [(row["passes"], row["drafted"], row["accepted"]) for row in r.stats["per_row"]] for name, r in results.items()}
+    for name, r in results.items():
+        assert r.sequences == always(), name
+        assert rounds[name] == rounds["alone"], name
+    if capped:
+        assert max(widths) <= k + 2
+    else:
+        assert max(widths) > 2 * (k + 2)  # the lead of the rows ahead, re-fed
+
+
 # --------------------------------------------------------------------------- MARS
 def test_mars_deterministic_and_differs_only_below_tau():
     margins = torch.tensor(

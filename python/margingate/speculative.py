@@ -16,6 +16,14 @@
 5. the cache is cropped back to the shortest accepted row; rows that accepted more re-feed their
    accepted tokens (already final) at the head of the next round's pass.
 
+The pass is at most ``k + 2`` positions wide (``pass_width``): a row whose re-fed head plus its
+drafts would not fit sits the round out. It re-feeds its head (the cache stays aligned), asks no
+drafts, commits nothing, and takes its postponed round, the same one, in a later pass. Without
+the cap a row that keeps accepting runs ever further ahead of the slowest one and every pass
+widens with its re-fed tokens for all rows (19 positions on ShareGPT at batch 8, k = 4, where the
+rounds need 5). Postponing, not shortening, keeps each row's sequence of rounds (contexts,
+drafts, decisions) its own, which MARS needs.
+
 Every position of the shared cache is written by the canonical forward, so nothing is repaired:
 a rejected position is simply cropped. The canonical forward is row-, padding- and
 query-invariant (a pass over several tokens gives the bits of as many single-token steps), so in
@@ -116,7 +124,9 @@ class ModelDrafter:
             drafts, entry = self._one(context, k, held, cache)
             out.append(drafts)
             kept.append(entry)
-        self._kept = kept  # rows that asked nothing this call have finished
+        # rows that asked nothing this call keep their caches: a row sitting a round out
+        # (decode_speculative) continues where it left off, so its drafts do not depend on that
+        self._kept = kept + available
         return out
 
     def _one(self, context: list[int], k: int, held: list[int], cache: Any) -> tuple[list[int], tuple[list[int], Any]]:
@@ -218,6 +228,14 @@ def summarize_speculative(rows: list[dict[str, Any]], passes: int, k: int, mars_
     }
 
 
+def pass_width(k: int) -> int:
+    """The widest canonical pass ``decode_speculative`` runs for ``k`` drafts: the slowest row's one
+    re-fed token and ``k`` drafts, plus one position of slack so that a row one token ahead still
+    drafts fully (measured on the default model: tighter stalls the rows ahead, wider pays for
+    re-fed tokens at every row)."""
+    return k + 2
+
+
 def decode_speculative(
     model: torch.nn.Module, job: BatchJob, *, k: int = 4, mars_threshold: float | None = None, drafter: Any = None
 ) -> Outcome:
@@ -226,8 +244,10 @@ def decode_speculative(
     Invariant at the top of a round: the cache holds ``cached`` canonical positions, all of them
     final tokens of every unfinished row; row ``b``'s final tokens reach ``prompt_length +
     len(committed[b]) > cached`` (the tokens between are fed again at the head of the pass).
-    Per-row statistics: ``drafted``, ``accepted`` (drafts kept), ``passes`` (canonical passes the
-    row took part in, the prefill included), ``mars_changed``/``mars_steps`` (tokens MARS took
+    A row takes part in a pass only when its head and drafts fit ``pass_width(k)``; the slowest row
+    (head of one token) always does, so every pass commits. Per-row statistics: ``drafted``,
+    ``accepted`` (drafts kept), ``passes`` (canonical passes the row took a round in, the prefill
+    included; passes it sat out re-feeding are not counted), ``mars_changed``/``mars_steps`` (tokens MARS took
     from the runner-up), and those of the other loops. ``margins`` (``record_margins``): the
     canonical margin of the logits that decided each token."""
     # Speculative decoding verifies every token (no gate, no window) and is greedy only here:
@@ -268,12 +288,15 @@ def decode_speculative(
             margins[b].append(float(gap[b]))
             rows_stats[b]["replayed_positions"] += prompt_length
         cached = prompt_length
+        cap = pass_width(k)
         while not all(done(b) for b in range(batch)):
             active = [b for b in range(batch) if not done(b)]
             # final tokens not yet in the cache, then drafts within the row's token budget
             heads = {b: committed[b][cached - prompt_length :] for b in active}
             budget = {b: min(k, job.max_new_tokens - len(committed[b]) - 1) for b in active}
-            asked = [b for b in active if budget[b] > 0]
+            # rows whose round does not fit the pass re-feed their head only (module docstring)
+            rounds = [b for b in active if len(heads[b]) + budget[b] <= cap]
+            asked = [b for b in rounds if budget[b] > 0]
             proposed = drafter.propose([job.prompts[b] + committed[b] for b in asked], k) if asked else []
             if len(proposed) != len(asked):
                 raise RuntimeError(f"{_WHERE}: the drafter returned {len(proposed)} rows for {len(asked)}")
@@ -288,6 +311,9 @@ def decode_speculative(
             passes += 1
             now = time.perf_counter()
             for b in active:
+                if b not in rounds:
+                    rows_stats[b]["replayed_positions"] += len(heads[b])
+            for b in rounds:
                 d, h = drafts.get(b, []), len(heads[b])
                 # logits[b, h - 1 + i] decide the token after head and i drafts
                 top1, top2, gap = (t.cpu() for t in margin(logits[b, h - 1 : h + len(d)]))
@@ -324,4 +350,4 @@ def decode_speculative(
     return Outcome(tokens, rows, out_margins, 0.0, {"verify_passes": passes})
 
 
-__all__ = ["Drafter", "ModelDrafter", "PromptLookupDrafter", "as_drafter", "check_speculative"]
+__all__ = ["Drafter", "ModelDrafter", "PromptLookupDrafter", "as_drafter", "check_speculative", "pass_width"]
