@@ -16,6 +16,14 @@ std::string build_info() {
   s += simd_level_name(simd_level_supported());
   s += ";simd_reason=";
   s += simd_level_reason();
+  // Whether at::parallel_for, inlined into our kernels' bindings, uses torch's intra-op threads:
+  // only when this file was compiled with OpenMP (torch's OpenMP builds) or against torch's
+  // native pool. Without it every op runs on one thread, silently (CMakeLists.txt links OpenMP).
+#ifdef INTRA_OP_PARALLEL
+  s += ";parallel=1";
+#else
+  s += ";parallel=0";
+#endif
 #ifdef MARGINGATE_WITH_CUDA
   s += ";cuda=1";
 #else
@@ -48,7 +56,7 @@ TORCH_LIBRARY(margingate, m) {
   m.def(
       "sample_margin(Tensor logits, Tensor seed, Tensor position, Tensor temperature, Tensor? top_k=None, "
       "Tensor? min_p=None) -> (Tensor token, Tensor runner_up, Tensor margin, Tensor cutoff_margin)");
-  // Build facts: torch version, compiler, SIMD level in use (and why), CUDA compiled in.
+  // Build facts: torch version, compiler, SIMD level in use (and why), intra-op threads, CUDA.
   m.def("build_info() -> str", &build_info);
 }
 

@@ -213,6 +213,7 @@ def test_check_report_fields(check_report):
     # The timings are only meaningful with the machine they were taken on.
     assert report["machine"]["simd"] == margingate.build_info()["simd"]
     assert report["machine"]["threads"] == torch.get_num_threads() >= 1
+    assert report["machine"]["kernel_threads"] == torch.get_num_threads()  # an OpenMP build
     assert report["machine"]["torch"] == torch.__version__
     assert list(report["policies"]) == ["off", "margin", "always"]
     assert report["prompts"] == NUM_PROMPTS and report["batch_sizes"] == [1, 3, 8]

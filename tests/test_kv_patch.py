@@ -140,6 +140,16 @@ def test_build_info_reports_the_build():
     assert info["compiler"]
 
 
+def test_kernels_run_on_torchs_threads():
+    """The kernels reach torch's intra-op pool through at::parallel_for, which is parallel only in
+    code compiled with OpenMP: a build without it ran every op on one thread, unnoticed, for a
+    day. torch's CPU builds are OpenMP builds (``torch.__config__.parallel_info()``)."""
+    backend = torch.__config__.parallel_info()
+    if "OpenMP" not in backend and "native thread pool" not in backend:
+        pytest.skip(f"this torch has no intra-op parallel backend: {backend!r}")
+    assert margingate.build_info()["parallel"] is True
+
+
 def test_cpu_only_build_has_a_clear_cuda_error_registered():
     """Without CUDA kernels, a CUDA kernel is still registered, and it only raises a clear error."""
     if margingate.build_info()["cuda"]:

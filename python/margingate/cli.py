@@ -596,6 +596,7 @@ def _machine_info() -> dict[str, Any]:
         "simd": info["simd"],
         "simd_reason": info["simd_reason"],
         "threads": torch.get_num_threads(),
+        "kernel_threads": torch.get_num_threads() if info["parallel"] else 1,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": bool(info["cuda"]) and torch.cuda.is_available(),
@@ -604,8 +605,11 @@ def _machine_info() -> dict[str, Any]:
 
 def _machine_line(machine: dict[str, Any]) -> str:
     device = "cuda" if machine["cuda"] else f"cpu simd={machine['simd']} ({machine['simd_reason']})"
+    threads = f"{machine['threads']} threads"
+    if machine["kernel_threads"] != machine["threads"]:
+        threads += f" (margingate's kernels: {machine['kernel_threads']}, a build without OpenMP)"
     return (
-        f"machine: {device}, {machine['threads']} threads, torch {machine['torch']}, "
+        f"machine: {device}, {threads}, torch {machine['torch']}, "
         f"transformers {machine['transformers']}"
     )
 

@@ -32,12 +32,15 @@ def build_info() -> dict[str, object]:
     ``torch_runtime``, and the CPU kernels' SIMD level: ``simd`` (in use: scalar, avx2, avx512 or
     neon), ``simd_supported`` (the best this CPU has) and ``simd_reason`` (why ``simd`` is what it
     is: ``detected``, ``capped by MARGINGATE_SIMD=...``, or why a ``MARGINGATE_SIMD`` value was not
-    honoured). The level is fixed when the process first uses it."""
+    honoured). The level is fixed when the process first uses it. ``parallel``: whether the
+    kernels run on torch's intra-op threads (``torch.get_num_threads()``); False means a build
+    without OpenMP, where every op runs on one thread."""
     info: dict[str, object] = {}
     for item in torch.ops.margingate.build_info().split(";"):
         key, _, value = item.partition("=")
         info[key] = value
     info["cuda"] = info.get("cuda") == "1"
+    info["parallel"] = info.get("parallel") == "1"
     info["torch_runtime"] = torch.__version__
     return info
 
