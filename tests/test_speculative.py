@@ -92,13 +92,15 @@ class Sometimes:
         out = []
         for c in contexts:
             c = list(c)
-            full = next(f for f in self.full if f[: len(c)] == c)
-            d = full[len(c) : len(c) + k]
-            bad = sum(c) % (k + 2)  # position to corrupt (none when past the drafts)
-            if bad < len(d):
-                d[bad] = 3 + (d[bad] + 1) % 300
-            out.append(d)
+            i = next(i for i, f in enumerate(self.full) if f[: len(c)] == c)
+            out.append(self.corrupt(i, c, self.full[i][len(c) : len(c) + k], k))
         return out
+
+    def corrupt(self, prompt: int, context: list[int], drafts: list[int], k: int) -> list[int]:
+        bad = sum(context) % (k + 2)  # position to corrupt (none when past the drafts)
+        if bad < len(drafts):
+            drafts[bad] = 3 + (drafts[bad] + 1) % 300
+        return drafts
 
 
 class RunnerUp:
@@ -196,21 +198,12 @@ def test_eos_stops_rows():
     assert s.stats["steps"] == sum(len(x) for x in s.sequences)
 
 
-class Split:
+class Split(Sometimes):
     """Right every time for odd prompts, wrong every time for even ones: the odd rows accept every
     draft and run ahead of the even ones, which take one token per pass."""
 
-    def __init__(self, target: list[list[int]], prompt_list: list[list[int]]):
-        self.full = [p + t for p, t in zip(prompt_list, target, strict=True)]
-
-    def propose(self, contexts, k):
-        out = []
-        for c in contexts:
-            c = list(c)
-            i = next(i for i, f in enumerate(self.full) if f[: len(c)] == c)
-            d = self.full[i][len(c) : len(c) + k]
-            out.append(d if i % 2 else [3 + (t + 1) % 300 for t in d])
-        return out
+    def corrupt(self, prompt: int, context: list[int], drafts: list[int], k: int) -> list[int]:
+        return drafts if prompt % 2 else [3 + (t + 1) % 300 for t in drafts]
 
 
 @pytest.mark.parametrize("capped", [True, False])
