@@ -231,8 +231,10 @@ def summarize_speculative(rows: list[dict[str, Any]], passes: int, k: int, mars_
 def pass_width(k: int) -> int:
     """The widest canonical pass ``decode_speculative`` runs for ``k`` drafts: the slowest row's one
     re-fed token and ``k`` drafts, plus one position of slack so that a row one token ahead still
-    drafts fully (measured on the default model: tighter stalls the rows ahead, wider pays for
-    re-fed tokens at every row)."""
+    drafts fully. Chosen by replaying the default model's recorded per-row rounds (k = 4, batch
+    4/8/16) against a cost model fitted to its timed passes: k + 1 cost 8 % more at batch 4
+    (stalled rows ahead) and 3 % less at batch 16; k + 3 and wider cost more everywhere (re-fed
+    tokens at every row). bench/README.md, "speculative decoding", has the timed result."""
     return k + 2
 
 
@@ -311,9 +313,9 @@ def decode_speculative(
             passes += 1
             now = time.perf_counter()
             for b in active:
-                if b not in rounds:
+                if b not in rounds:  # sat out: its head was re-fed, nothing is decided
                     rows_stats[b]["replayed_positions"] += len(heads[b])
-            for b in rounds:
+                    continue
                 d, h = drafts.get(b, []), len(heads[b])
                 # logits[b, h - 1 + i] decide the token after head and i drafts
                 top1, top2, gap = (t.cpu() for t in margin(logits[b, h - 1 : h + len(d)]))
