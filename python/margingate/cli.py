@@ -134,6 +134,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, prompts_help: str) -> None
     g.add_argument(
         "--dtype", choices=sorted(_DTYPES), default="bfloat16", help="model dtype (default bfloat16)"
     )
+    _add_trust_option(g)
     g.add_argument("--prompts", metavar="SET|FILE", default=DEFAULT_PROMPTS, help=prompts_help)
     g.add_argument(
         "--limit",
@@ -160,6 +161,14 @@ def _add_model_options(p: argparse.ArgumentParser, *, prompts_help: str) -> None
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     o.add_argument("--quiet", action="store_true", help="no progress bars or notes; print only the tables")
+
+
+def _add_trust_option(p) -> None:
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow --model's folder to run its own Python files (config.json auto_map); off by default: "
+        "such a folder is refused",
+    )  # fmt: skip
 
 
 def _add_plot_option(p: argparse.ArgumentParser) -> None:
@@ -336,7 +345,9 @@ def _load_model(args: argparse.Namespace):
             model, tokenizer = load_default_model(dtype, progress=progress)
             name = "gemma3-270m (default)"
         else:
-            model, tokenizer = load_model(args.model, dtype, progress=progress)
+            model, tokenizer = load_model(
+                args.model, dtype, progress=progress, trust_remote_code=getattr(args, "trust_remote_code", False)
+            )
             name = str(args.model)
     except ModelLoadError as err:
         raise UsageError(str(err)) from None
@@ -435,6 +446,22 @@ def _close(bar) -> None:
 
 
 # ----------------------------------------------------------------------------- tables, json, plot
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control and format characters (escape sequences, line
+    breaks, U+2028, bidi overrides) shown as Python escapes, so a string read from a file can
+    neither drive the terminal nor fake a table row."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -442,7 +469,7 @@ def _fmt(value: Any) -> str:
         if math.isnan(value):
             return "nan"
         return f"{value:.4g}"
-    return str(value)
+    return printable(str(value))
 
 
 def print_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
@@ -1036,6 +1063,7 @@ def _add_model_choice(p: argparse.ArgumentParser) -> None:
         "into $MARGINGATE_CACHE or ~/.cache/margingate)",
     )
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="model dtype (default bfloat16)")
+    _add_trust_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress notes; print only the tables")
 
 
@@ -1217,7 +1245,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             if shown >= args.show:
                 break
             print(
-                f"  transcript {r['id']} token {m['step']}: provided {m['provided']}, reference {m['reference']}, "
+                f"  transcript {_fmt(r['id'])} token {m['step']}: provided {m['provided']}, reference {m['reference']}, "
                 f"score {_fmt(m['score'])}, reference margin {_fmt(m['reference_margin'])}"
             )
             shown += 1

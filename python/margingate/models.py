@@ -14,7 +14,9 @@ no longer matches its checksum is rebuilt; a path that is not an entry of ours (
 file) is never deleted: the error names it instead.
 
 Nothing here talks to a model hub: every path is local and every transformers call passes
-``local_files_only=True``.
+``local_files_only=True``. Nothing here runs code from a model folder: every transformers call
+passes ``trust_remote_code`` explicitly (False unless the caller asked for True), so transformers
+neither imports a folder's ``.py`` files (``auto_map``) nor asks on standard input whether to.
 """
 
 from __future__ import annotations
@@ -65,6 +67,32 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
+
+
+def _custom_code(directory: Path) -> list[str]:
+    """The code a checkpoint folder asks transformers to import: the ``auto_map`` entries of its
+    ``config.json`` and ``tokenizer_config.json`` (``"AutoModelForCausalLM -> modeling_x.Model"``)."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            continue  # absent or unreadable: the loader reports it
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(auto_map, dict):
+            found.extend(f"{key} -> {value}" for key, value in auto_map.items())
+        elif auto_map is not None:
+            found.append(f"auto_map {auto_map!r}")
+    return found
+
+
+def _refused_custom_code(directory: Path, refs: list[str]) -> ModelLoadError:
+    shown = ", ".join(refs[:3]) + (f" and {len(refs) - 3} more" if len(refs) > 3 else "")
+    return ModelLoadError(
+        f"refused to run the Python code that model folder {str(directory)!r} asks for ({shown}): margingate "
+        "runs no code from a model folder unless asked; pass --trust-remote-code (load_model(..., "
+        "trust_remote_code=True)) only if you trust that code"
+    )
 
 
 def _one_line(err: BaseException) -> str:
@@ -122,25 +150,38 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, *, progress: bool, **model_k
     directory, name = str(gguf_path.parent), gguf_path.name
     with _quiet_if(not progress), _transformers_progress(progress):
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=name, dtype=dtype, local_files_only=True, **model_kwargs
+            directory, gguf_file=name, dtype=dtype, local_files_only=True, trust_remote_code=False, **model_kwargs
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            directory, gguf_file=name, local_files_only=True
+            directory, gguf_file=name, local_files_only=True, trust_remote_code=False
         )
     _strip_quantizer(model)
     return model, tokenizer
 
 
-def _load_checkpoint(directory: Path, dtype: torch.dtype, *, progress: bool, **model_kwargs):
+def _load_checkpoint(
+    directory: Path, dtype: torch.dtype, *, progress: bool, trust_remote_code: bool = False, **model_kwargs
+):
+    """``(model, tokenizer)`` of a checkpoint folder. With ``trust_remote_code=False`` (the default)
+    a folder whose classes exist only as its own ``.py`` files is refused in one line, before any
+    of its code is imported; transformers' own classes still load a folder that also names custom
+    code (``auto_map``) for a model type transformers knows."""
     import transformers
 
+    refs = [] if trust_remote_code else _custom_code(directory)
+    trust = {"local_files_only": True, "trust_remote_code": bool(trust_remote_code)}
     with _quiet_if(not progress), _transformers_progress(progress):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(directory), dtype=dtype, local_files_only=True, **model_kwargs
-        )
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **trust, **model_kwargs)
+        except ValueError:
+            if refs:  # transformers needs the folder's code and was told not to run it
+                raise _refused_custom_code(directory, refs) from None
+            raise
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), **trust)
         except (OSError, ValueError, TypeError, KeyError):
+            if refs and any(ref.startswith("AutoTokenizer") for ref in refs):
+                raise _refused_custom_code(directory, refs) from None
             # A checkpoint without tokenizer files (e.g. a random test model): callers then pass
             # prompts as token ids.
             tokenizer = None
@@ -398,12 +439,20 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     *,
     progress: bool = True,
+    trust_remote_code: bool = False,
     **model_kwargs,
 ):
     """``(model, tokenizer)`` from a local Hugging Face checkpoint directory or a ``.gguf`` file.
 
     ``tokenizer`` is ``None`` when a checkpoint has no tokenizer files. A GGUF file is dequantised
-    on every call (use :func:`convert_gguf` once to make a fast-loading checkpoint)."""
+    on every call (use :func:`convert_gguf` once to make a fast-loading checkpoint).
+
+    ``trust_remote_code``: a checkpoint folder can name Python files of its own (``auto_map`` in
+    its ``config.json``) that transformers would import and run. margingate never does unless
+    this is True; without it such a folder raises :class:`ModelLoadError` (one line, nothing read
+    from standard input, no code imported)."""
+    if not isinstance(trust_remote_code, bool):
+        raise TypeError(f"margingate.load_model: trust_remote_code must be True or False, got {trust_remote_code!r}")
     _check_dependencies()
     path = Path(path_or_gguf).expanduser()
     if not path.exists():
@@ -417,7 +466,9 @@ def load_model(
     else:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{str(path)!r} is not a Hugging Face checkpoint directory (no config.json)")
-        model, tokenizer = _load_or_explain(_load_checkpoint, path, dtype, progress=progress, **model_kwargs)
+        model, tokenizer = _load_or_explain(
+            _load_checkpoint, path, dtype, progress=progress, trust_remote_code=trust_remote_code, **model_kwargs
+        )
     return model.eval(), tokenizer
 
 
