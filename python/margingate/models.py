@@ -168,19 +168,24 @@ def _load_checkpoint(
     code (``auto_map``) for a model type transformers knows."""
     import transformers
 
-    refs = [] if trust_remote_code else _custom_code(directory)
+    refs = _custom_code(directory)
     trust = {"local_files_only": True, "trust_remote_code": bool(trust_remote_code)}
     with _quiet_if(not progress), _transformers_progress(progress):
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **trust, **model_kwargs)
-        except ValueError:
-            if refs:  # transformers needs the folder's code and was told not to run it
+        except Exception as err:
+            if refs and not trust_remote_code and isinstance(err, ValueError):
+                # transformers needs the folder's code and was told not to run it
                 raise _refused_custom_code(directory, refs) from None
+            if refs and trust_remote_code and not isinstance(err, TypeError):
+                raise ModelLoadError(
+                    f"the code of model folder {str(directory)!r} failed to load the model: {_one_line(err)}"
+                ) from None
             raise
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), **trust)
         except (OSError, ValueError, TypeError, KeyError):
-            if refs and any(ref.startswith("AutoTokenizer") for ref in refs):
+            if refs and not trust_remote_code and any(ref.startswith("AutoTokenizer") for ref in refs):
                 raise _refused_custom_code(directory, refs) from None
             # A checkpoint without tokenizer files (e.g. a random test model): callers then pass
             # prompts as token ids.

@@ -1,0 +1,139 @@
+"""What a user or an attacker can hand margingate: model folders that ask to run their own code,
+strings that try to drive the terminal, damaged files. Each case fails with one line and exit 2,
+runs nothing it was not asked to, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import margingate
+from margingate import cli
+from margingate.models import ModelLoadError, load_model
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+
+
+def _subprocess_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(margingate.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    # transformers copies a folder's modules under HF_HOME before importing them: keep that in tmp
+    env.update(OMP_NUM_THREADS="1", MARGINGATE_NO_REEXEC="1", HF_HOME=str(tmp_path / "hf"))
+    return env
+
+
+def _custom_code_folder(root: Path, marker: Path, model_type: str = "margingate_custom") -> Path:
+    """A model folder whose config names a Python file of its own; importing it writes ``marker``."""
+    folder = root / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": model_type,
+                "architectures": ["CustomModel"],
+                "auto_map": {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"},
+            }
+        )
+    )
+    (folder / "custom.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('the folder ran its code')\n"
+        "from transformers import PretrainedConfig\n"
+        "class CustomConfig(PretrainedConfig):\n"
+        f"    model_type = {model_type!r}\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize("command", ["audit", "flips"])
+def test_cli_refuses_a_model_folder_that_asks_to_run_code(tmp_path, command):
+    """transformers asks "run the custom code? [y/N]" on stdin unless told: with "y" waiting there,
+    the folder's code ran before. Now: one line, exit 2, the code never imported, stdin unread."""
+    marker = tmp_path / "ran"
+    folder = _custom_code_folder(tmp_path, marker)
+    transcripts = tmp_path / "t.jsonl"
+    transcripts.write_text(json.dumps({"prompt_ids": [1, 2], "output_ids": [3]}) + "\n")
+    extra = ["--transcripts", str(transcripts)] if command == "audit" else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "margingate", command, "--model", str(folder), "--quiet", *extra],
+        input="y\ny\n", capture_output=True, text=True, env=_subprocess_env(tmp_path), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused to run the Python code" in lines[0] and "--trust-remote-code" in lines[0]
+    assert "custom.CustomModel" in lines[0]
+    assert "[y/N]" not in proc.stdout + proc.stderr
+    assert not marker.exists()
+
+
+def test_load_model_refuses_custom_code_unless_trusted(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    folder = _custom_code_folder(tmp_path, marker)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("sys.stdin", None)  # anything that tried to ask would fail loudly
+    with pytest.raises(ModelLoadError, match="refused to run the Python code"):
+        load_model(folder, progress=False)
+    assert not marker.exists()
+    with pytest.raises(TypeError, match="trust_remote_code must be True or False"):
+        load_model(folder, progress=False, trust_remote_code="yes")
+    # The control: asked explicitly, transformers imports the folder's module (which then lacks a
+    # model class, so loading fails, but only after the code ran).
+    with pytest.raises(ModelLoadError):
+        load_model(folder, progress=False, trust_remote_code=True)
+    assert marker.exists()
+
+
+def test_a_known_model_type_with_auto_map_loads_without_running_the_code(tmp_path, monkeypatch):
+    """Many checkpoints name custom code for a model type transformers knows: transformers' own class
+    loads them and the folder's file is never imported."""
+    marker = tmp_path / "ran"
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    folder = tmp_path / "llama"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    data["auto_map"] = {"AutoModelForCausalLM": "custom.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(data))
+    (folder / "custom.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    model, _ = load_model(folder, torch.float32, progress=False)
+    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
+
+
+HOSTILE = "evil\x1b[2J\x1b]0;pwned\x07\nfake   row  exact\u2028\u202e"
+
+
+def test_printable_escapes_what_drives_a_terminal():
+    shown = cli.printable(HOSTILE)
+    assert shown.isprintable() and "\x1b" not in shown and "\n" not in shown
+    assert shown == "evil\\x1b[2J\\x1b]0;pwned\\x07\\x0afake   row  exact\\u2028\\u202e"
+    assert cli.printable("plain é 名前") == "plain é 名前"
+
+
+def test_cli_audit_prints_transcript_strings_escaped(tmp_path, capsys):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    path = tmp_path / "t.jsonl"
+    # output token 0 is almost surely not the reference's: a mismatch line names the id too
+    path.write_text(json.dumps({"id": HOSTILE, "provider": HOSTILE, "prompt_ids": [5, 6], "output_ids": [0, 1]}) + "\n")
+    code = cli.main(["audit", "--model", str(tmp_path / "m"), "--quiet", "--transcripts", str(path)])
+    out, err = capsys.readouterr()
+    assert code in (0, 1), err
+    assert "\x1b" not in out and "\u2028" not in out and "\u202e" not in out
+    assert not any(line.startswith("fake") for line in out.splitlines())
+    assert "evil\\x1b[2J" in out
