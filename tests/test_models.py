@@ -113,7 +113,16 @@ DAMAGE = {
     "marker without files": lambda entry: (entry / models._MARKER).write_text(
         json.dumps({"format": models._CACHE_FORMAT})
     ),
+    # the size is right and the checkpoint would load: only the sha256, checked before use, sees it
+    "one changed byte in a tokenizer file": lambda entry: _flip_one_byte(entry / "tokenizer_notes.txt"),
+    "one changed byte in config.json": lambda entry: _flip_one_byte(entry / "config.json", at=-3),
 }
+
+
+def _flip_one_byte(path: Path, at: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] = ord("X") if data[at] != ord("X") else ord("Y")
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -150,6 +159,31 @@ def test_an_entry_that_fails_to_load_with_sound_files_names_what_to_delete(conve
     message = str(info.value)
     assert "\n" not in message and "delete that directory" in message and str(_entry(tmp_path)) in message
     assert len(converter) == 1  # nothing was damaged: no rebuild
+
+
+def test_temporaries_of_a_killed_conversion_are_removed_on_the_next_run(converter, tmp_path):
+    """SIGTERM mid-conversion left up to 242 MB of temporary folders behind: the next run removes
+    those whose process is gone, and keeps those of a process still running (a concurrent one)."""
+    import os
+    import subprocess
+
+    load_default_model(torch.float32, progress=False)
+    cache = tmp_path / "cache"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    left = [cache / f".{models.DEFAULT_MODEL_NAME}.tmp-{gone.pid}-abc", cache / f".gguf-{gone.pid}-xyz",
+            cache / f".{models.DEFAULT_MODEL_NAME}.damaged-{gone.pid}-q"]  # fmt: skip
+    for folder in left:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    running = cache / f".gguf-{os.getpid()}-mine"
+    running.mkdir()
+    unrelated = cache / ".gguf-notapid"
+    unrelated.mkdir()
+    load_default_model(torch.float32, progress=False)
+    assert not any(folder.exists() for folder in left)
+    assert running.exists() and unrelated.exists()
+    assert len(converter) == 1
 
 
 # ----------------------------------------------------------------------------- what is not ours
@@ -226,10 +260,37 @@ def _broken_copy(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         weights.write_bytes(b"")
     elif how == "garbage config":
         (copy / "config.json").write_text("{not json")
+    elif how == "changed byte in tokenizer.json":
+        _tiny_tokenizer().save_pretrained(copy)
+        text = (copy / "tokenizer.json").read_text()
+        (copy / "tokenizer.json").write_text(text.replace('"model"', '"modeX"', 1))
+    elif how == "pytorch_model.bin refused by weights_only":
+        import pickle
+
+        weights.unlink()
+        # a pickle that names a global torch.load(weights_only=True) does not allow
+        (copy / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _NotAllowed()}))
     return copy
 
 
-BROKEN = ["truncated safetensors", "empty safetensors", "garbage config", "garbage gguf", "empty gguf"]
+class _NotAllowed:
+    pass
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+
+    vocab = {f"t{i}": i for i in range(64)} | {"[UNK]": 0}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]")), unk_token="[UNK]"
+    )
+
+
+BROKEN = [
+    "truncated safetensors", "empty safetensors", "garbage config", "garbage gguf", "empty gguf",
+    "changed byte in tokenizer.json", "pytorch_model.bin refused by weights_only",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", BROKEN)
@@ -241,7 +302,9 @@ def test_broken_checkpoint_raises_one_line_model_load_error(checkpoint, tmp_path
     assert message.startswith(f"cannot load model {str(path)!r}: ") and "\n" not in message
 
 
-@pytest.mark.parametrize("how", ["truncated safetensors", "garbage gguf"])
+@pytest.mark.parametrize(
+    "how", ["truncated safetensors", "garbage gguf", "changed byte in tokenizer.json", "pytorch_model.bin refused by weights_only"]
+)
 def test_cli_exits_2_with_one_line_on_a_broken_checkpoint(checkpoint, tmp_path, how, capsys):
     path = _broken_copy(checkpoint, tmp_path, how)
     prompts = tmp_path / "prompts.jsonl"

@@ -137,3 +137,130 @@ def test_cli_audit_prints_transcript_strings_escaped(tmp_path, capsys):
     assert "\x1b" not in out and "\u2028" not in out and "\u202e" not in out
     assert not any(line.startswith("fake") for line in out.splitlines())
     assert "evil\\x1b[2J" in out
+
+
+# ----------------------------------------------------------------------------- every file reader total
+def _tiny_llama_folder(root: Path) -> Path:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = root / "model"
+    if not folder.exists():
+        transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+HOSTILE_FILES = {
+    "a 5000-digit integer": ('{"prompt_ids": [' + "7" * 5000 + '], "output_ids": [1]}', "unreadable JSON value"),
+    "a 100000-deep nested array": ('{"prompt_ids": ' + DEEP + ', "output_ids": [1]}', "nested too deeply"),
+    "not UTF-8": (b"\xff\xfe{}".decode("latin-1"), "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_FILES))
+@pytest.mark.parametrize("reader", ["transcripts", "prompts", "threshold"])
+def test_cli_readers_are_total(tmp_path, capsys, case, reader):
+    """Every file the CLI reads gives one line and exit 2, before the model loads (the model path
+    here does not exist: reaching the loader would report that instead)."""
+    content, message = HOSTILE_FILES[case]
+    path = tmp_path / ("f.json" if reader == "threshold" else "f.jsonl")
+    if case == "not UTF-8":
+        path.write_bytes(b"\xff\xfe{}\n")
+    elif reader == "prompts":
+        path.write_text(content.replace('"prompt_ids"', '"input_ids"').replace(', "output_ids": [1]', "") + "\n")
+    elif reader == "threshold":
+        path.write_text(content.replace('"prompt_ids"', '"threshold"'))
+    else:
+        path.write_text(content + "\n")
+    missing = str(tmp_path / "no-model")
+    argv = {
+        "transcripts": ["audit", "--transcripts", str(path)],
+        "prompts": ["flips", "--prompts", str(path)],
+        "threshold": ["check", "--threshold-file", str(path)],
+    }[reader]
+    code = cli.main([*argv, "--model", missing, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], err
+    assert "no-model" not in lines[0]
+
+
+def test_a_raw_line_separator_inside_a_json_string_is_one_line(tmp_path):
+    """U+2028 is allowed raw inside a JSON string; str.splitlines cut the line there."""
+    from margingate.audit import read_transcripts
+    from margingate.prompt_sets import load_prompts_file
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"id": "a\u2028b", "prompt_ids": [1], "output_ids": [2]}, ensure_ascii=False) + "\r\n")
+    assert "\u2028" in path.read_text()
+    [t] = read_transcripts(path)
+    assert t.id == "a\u2028b" and t.source == f"{path} line 1"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "x\u2028y\u2029z\x0c"}, ensure_ascii=False) + "\n")
+    assert load_prompts_file(prompts) == ["x\u2028y\u2029z\x0c"]
+
+
+def test_out_of_vocabulary_ids_name_the_line(tmp_path, capsys):
+    folder = _tiny_llama_folder(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        json.dumps({"prompt_ids": [1], "output_ids": [2]}) + "\n\n"
+        + json.dumps({"prompt_ids": [1], "output_ids": [VOCAB + 5]}) + "\n"
+    )  # fmt: skip
+    code = cli.main(["audit", "--model", str(folder), "--quiet", "--transcripts", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{path} line 3: output_ids holds token id {VOCAB + 5}" in err, err
+    assert f"[0, {VOCAB})" in err and len(err.strip().splitlines()) == 1
+    path.write_text(json.dumps({"prompt_ids": [1], "output_ids": [-4]}) + "\n")
+    code = cli.main(["audit", "--model", str(folder), "--quiet", "--transcripts", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "token id -4; token ids are >= 0" in err and "None" not in err, err
+
+
+# ----------------------------------------------------------------------------- arguments that failed late
+@pytest.mark.parametrize("temperature", [1e39, 1e-46])
+def test_a_temperature_outside_float32_is_refused_up_front(tmp_path, capsys, temperature):
+    folder = _tiny_llama_folder(tmp_path)
+    model, _ = load_model(folder, progress=False)
+    with pytest.raises(ValueError, match="outside float32's range"):
+        margingate.generate(model, [[3, 4, 5]], temperature=temperature, seed=1, max_new_tokens=2, progress=False)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"input_ids": [3, 4, 5]}\n')
+    code = cli.main(
+        ["generate", "--model", str(tmp_path / "no-model"), "--prompts", str(prompts), "--temperature",
+         repr(temperature), "--transcripts", str(tmp_path / "t.jsonl"), "--quiet"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "float32" in err and "no-model" not in err, err
+
+
+def test_pad_token_outside_the_vocabulary_and_a_smaller_drafter_are_refused(tmp_path):
+    folder = _tiny_llama_folder(tmp_path)
+    model, _ = load_model(folder, progress=False)
+    with pytest.raises(ValueError, match=f"pad_token_id {VOCAB} is outside the model's vocabulary"):
+        margingate.generate(model, [[3, 4, 5], [6]], pad_token_id=VOCAB, max_new_tokens=2, progress=False)
+    small = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB // 2, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=8,
+        )  # fmt: skip
+    ).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"drafter's vocabulary \(48\) is smaller than the model's \(96\)"):
+        margingate.generate(
+            model, [[3, 70, 90]], policy="always", speculative=2, drafter=small, max_new_tokens=4, progress=False
+        )
+
+
+def test_sample_margin_refuses_a_meta_argument_next_to_cpu_logits():
+    logits = torch.randn(2, 10)
+    meta = torch.zeros(2, dtype=torch.int64, device="meta")
+    with pytest.raises(RuntimeError, match="seed is on meta but logits is on cpu"):
+        margingate.sample_margin(logits, meta, 0, 0.7)
+    with pytest.raises(RuntimeError, match="temperature is on meta"):
+        margingate.sample_margin(logits, 1, 0, torch.full((2,), 0.7, device="meta"))
+    assert margingate.sample_margin(logits.to("meta"), 1, 0, 0.7)[0].device.type == "meta"

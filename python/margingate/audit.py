@@ -54,6 +54,7 @@ import torch
 from . import hf_compat
 from .batching import left_pad
 from .canonical import canonical_forward
+from .jsonl import JSONFileError, read_jsonl
 from .noise import gumbel_noise, log_mg, noised_scores
 from .ops import linear, margin
 
@@ -110,6 +111,7 @@ class Transcript:
     fingerprint: dict[str, Any] | None = None
     id: Any = None
     provider: str | None = None
+    source: str | None = dataclasses.field(default=None, compare=False)  # "FILE line N"; not written
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -137,7 +139,9 @@ def _ids(value: Any, name: str, where: str, vocab: int | None) -> list[int]:
     for t in value:
         if isinstance(t, bool) or not isinstance(t, int):
             raise TranscriptError(f"{where}: {name} holds {t!r}; token ids must be integers")
-        if t < 0 or (vocab is not None and t >= vocab):
+        if t < 0:
+            raise TranscriptError(f"{where}: {name} holds token id {t}; token ids are >= 0")
+        if vocab is not None and t >= vocab:
             raise TranscriptError(f"{where}: {name} holds token id {t}, outside the vocabulary [0, {vocab})")
     return [int(t) for t in value]
 
@@ -223,26 +227,19 @@ def _parse_fingerprint(fp: Any, n: int, where: str) -> dict[str, Any]:
 
 def read_transcripts(path: str | Path, vocab_size: int | None = None) -> list[Transcript]:
     """The transcripts of a JSONL file (one JSON object a line; blank lines skipped). Raises
-    ``TranscriptError`` with a one-line message naming the file and line of the first problem."""
-    p = Path(path).expanduser()
+    ``TranscriptError`` with a one-line message naming the file and line of the first problem;
+    each transcript remembers its line (``source``), so a later check against a model's
+    vocabulary names the line too."""
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TranscriptError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TranscriptError(f"{path}: is a directory, expected a .jsonl file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise TranscriptError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+        values = read_jsonl(path, "transcripts")
+    except JSONFileError as err:
+        raise TranscriptError(str(err)) from None
     transcripts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, d in values:
         where = f"{path} line {number}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TranscriptError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        transcripts.append(parse_transcript(d, where, vocab_size))
+        t = parse_transcript(d, where, vocab_size)
+        t.source = where
+        transcripts.append(t)
     if not transcripts:
         raise TranscriptError(f"{path}: no transcripts (expected one JSON object per line)")
     return transcripts
@@ -272,7 +269,9 @@ def _as_transcripts(transcripts: Sequence[Any], tokenizer: Any, vocab: int) -> l
         if not isinstance(t, Transcript):
             t = parse_transcript(t, f"{_WHERE}: transcript {i}", vocab)
         else:  # re-validate: a hand-built Transcript may hold ids outside this model's vocabulary
-            t = parse_transcript(t.to_json(), f"{_WHERE}: transcript {i}", vocab)
+            source = t.source
+            t = parse_transcript(t.to_json(), source or f"{_WHERE}: transcript {i}", vocab)
+            t.source = source
         if t.prompt_ids is None:
             if tokenizer is None:
                 raise ValueError(f"{_WHERE}: transcript {i} has a text prompt; pass tokenizer= to encode it")

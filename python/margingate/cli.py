@@ -102,6 +102,17 @@ def _threshold_value(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    from .sampling import check_float32_temperature
+
+    value = _threshold_value(text)
+    try:
+        check_float32_temperature(value, "temperature")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("temperature: ")) from None
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -243,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens between two checks of the window policy (LLM-42's default: 64)",
     )
     sample = check.add_argument_group("sampling (default: greedy)")
-    sample.add_argument("--temperature", type=_threshold_value, default=0.0, metavar="T",
+    sample.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
                         help="sample at temperature T > 0 (seeded Gumbel-max); 0 = greedy")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i gets its own stream)")
     sample.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K largest logits")
@@ -581,6 +592,7 @@ def write_plot(
 
 
 def _read_threshold(args: argparse.Namespace) -> tuple[float | None, str]:
+    from .jsonl import read_text
     from .policies import load_threshold_file
 
     if getattr(args, "threshold", None) is not None:
@@ -588,13 +600,7 @@ def _read_threshold(args: argparse.Namespace) -> tuple[float | None, str]:
     path = getattr(args, "threshold_file", None)
     if path:
         try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise UsageError(f"threshold file {path!r} does not exist") from None
-        except OSError as err:
-            raise UsageError(f"threshold file {path!r}: {err.strerror or err}") from None
-        try:
-            return float(load_threshold_file(text, repr(path))["threshold"]), path
+            return float(load_threshold_file(read_text(path, "threshold file"), repr(path))["threshold"]), path
         except ValueError as err:
             raise UsageError(str(err)) from None
     return None, "default"
@@ -1089,7 +1095,7 @@ def _add_audit_parsers(sub) -> None:
     gen.add_argument("--policy", choices=POLICIES, default="margin", help="decoding policy (default margin)")
     gen.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per batch (default: all in one)")
     gen.add_argument("--threshold", type=_threshold_value, metavar="T", help="margin policy threshold (default: calibrated)")
-    gen.add_argument("--temperature", type=_threshold_value, default=0.0, metavar="T", help="sample at T > 0 (default greedy)")
+    gen.add_argument("--temperature", type=_temperature, default=0.0, metavar="T", help="sample at T > 0 (default greedy)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i gets its own stream, recorded per transcript")
     gen.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K largest logits when sampling")
     gen.add_argument("--min-p", type=_threshold_value, default=None, metavar="P", help="min-p truncation when sampling")

@@ -183,6 +183,10 @@ def generate(
         pad_token_id = hf_compat.pad_id(model, tokenizer, eos)
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
         raise TypeError(f"{_WHERE}: pad_token_id must be an int >= 0, got {pad_token_id!r}")
+    if pad_token_id >= hf_compat.vocab_size(model):
+        raise ValueError(
+            f"{_WHERE}: pad_token_id {pad_token_id} is outside the model's vocabulary [0, {hf_compat.vocab_size(model)})"
+        )
 
     size = batch_size or len(encoded)
     chunks = [list(range(i, min(i + size, len(encoded)))) for i in range(0, len(encoded), size)]

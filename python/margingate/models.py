@@ -26,6 +26,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import shutil
 import struct
 import sys
@@ -42,6 +44,11 @@ _EXTRA_HINT = 'pip install "margingate[default-model]"'
 # 2: the marker lists every file with its size and sha256.
 _CACHE_FORMAT = 2
 _MARKER = "margingate_cache.json"
+# The files whose presence says a checkpoint has a tokenizer (then failing to load it is an error).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+# Temporary folders in the cache carry their writer's pid, so a later run can remove those a killed
+# process left (SIGTERM/SIGKILL mid-conversion) without touching a concurrent conversion's.
+_TEMPORARY = re.compile(r"^\.(?:.+\.(?:tmp|damaged)|gguf)-(\d+)-")
 
 # No hub access, ever: set before transformers is imported (it reads the flag at import time);
 # every call below also passes local_files_only=True in case transformers was imported earlier.
@@ -58,7 +65,8 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     or garbage files): turned into one-line :class:`ModelLoadError` s. TypeError is left out on
     purpose: it means a wrong call (e.g. a bad keyword argument), not a wrong file."""
     errors: list[type[BaseException]] = [
-        OSError, ValueError, KeyError, IndexError, EOFError, struct.error, RuntimeError
+        OSError, ValueError, KeyError, IndexError, EOFError, struct.error, RuntimeError,
+        pickle.UnpicklingError,  # a pytorch_model.bin that torch.load(weights_only=True) refuses
     ]
     try:
         from safetensors import SafetensorError
@@ -184,9 +192,15 @@ def _load_checkpoint(
             raise
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), **trust)
-        except (OSError, ValueError, TypeError, KeyError):
+        except Exception as err:  # the tokenizers library raises plain Exception on a damaged file
             if refs and not trust_remote_code and any(ref.startswith("AutoTokenizer") for ref in refs):
                 raise _refused_custom_code(directory, refs) from None
+            present = [name for name in _TOKENIZER_FILES if (directory / name).is_file()]
+            if present:
+                raise ModelLoadError(
+                    f"cannot load model {str(directory)!r}: its tokenizer ({', '.join(present)}) fails to load: "
+                    f"{_one_line(err)}"
+                ) from None
             # A checkpoint without tokenizer files (e.g. a random test model): callers then pass
             # prompts as token ids.
             tokenizer = None
@@ -311,7 +325,7 @@ def _put_in_place(tmp: Path, out_dir: Path) -> None:
         if state == "foreign":
             raise _foreign_entry_error(out_dir, reason)
         if state == "damaged":
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.damaged-", dir=out_dir.parent))
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.damaged-{os.getpid()}-", dir=out_dir.parent))
             with contextlib.suppress(FileNotFoundError):  # someone else may have moved it first
                 os.rename(out_dir, trash / out_dir.name)  # atomic: never a half-deleted entry in place
             shutil.rmtree(trash, ignore_errors=True)
@@ -339,7 +353,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     stages = tqdm(
         total=3, desc=f"margingate: converting {gguf_path.name} (once)", disable=not progress, unit="step"
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary readable directory
     try:
         stages.set_postfix_str("dequantising GGUF")
@@ -378,13 +392,41 @@ def _default_gguf(workdir: Path) -> Path:
         ) from err
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or a number we cannot judge): leave it
+    return True
+
+
+def _remove_stale_temporaries(cache: Path) -> None:
+    """Removes the temporary folders (conversion, damaged entries, GGUF assembly) that a killed
+    margingate process left in ``cache``: only ours (by name) and only when their process is gone."""
+    with contextlib.suppress(OSError):
+        for entry in cache.iterdir():
+            match = _TEMPORARY.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 def default_model_dir(cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
-    """Path of the converted default model, converting it first if the cache lacks it."""
+    """Path of the converted default model, converting it first if the cache lacks it or any of
+    its files differs from the sha256 recorded when it was written (checked on every call)."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / DEFAULT_MODEL_NAME
     if os.path.lexists(cache) and not cache.is_dir():
         _ensure_directory(cache)  # raises the one-line error
+    if cache.is_dir():
+        _remove_stale_temporaries(cache)
     state, reason = _inspect_entry(target)
+    if state == "complete":
+        damage = _checksum_mismatch(target)
+        if damage is not None:
+            _mark_damaged(target, damage)
+            state, reason = "damaged", damage
     if state == "complete":
         return target
     if state == "foreign":
@@ -392,7 +434,7 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None, *, progress: b
     if state == "damaged" and progress:
         print(f"margingate: rebuilding the cached default model in {target}: {reason}", file=sys.stderr, flush=True)
     _ensure_directory(cache)
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=cache) as workdir:
+    with tempfile.TemporaryDirectory(prefix=f".gguf-{os.getpid()}-", dir=cache) as workdir:
         gguf = _default_gguf(Path(workdir))
         return convert_gguf(gguf, target, progress=progress)
 
@@ -424,9 +466,8 @@ def load_default_model(
     try:
         model, tokenizer = _load_checkpoint(directory, dtype, progress=progress, **model_kwargs)
     except _load_errors() as err:
-        if isinstance(err, ModelLoadError):
-            raise
-        # The sizes matched (default_model_dir checked them): is a file's content damaged?
+        # default_model_dir checked every checksum; one may have changed since (another process):
+        # a damaged entry is rebuilt, an intact one that fails to load is reported.
         damage = _checksum_mismatch(directory)
         if damage is None:
             raise ModelLoadError(

@@ -288,6 +288,12 @@ def sample_margin(
 
 @torch.library.register_fake("margingate::sample_margin")
 def _sample_margin_fake(logits, seed, position, temperature, top_k=None, min_p=None):
+    # A meta argument next to real logits dispatches here, not to the CPU kernel: without the device
+    # rule this returned uninitialised tokens (the CPU/CUDA kernels apply the same rule).
+    _check_devices(
+        "sample_margin", "logits",
+        {"logits": logits, "seed": seed, "position": position, "temperature": temperature, "top_k": top_k, "min_p": min_p},
+    )  # fmt: skip
     torch._check(logits.dim() == 2, lambda: "margingate.sample_margin: logits must be 2-D")
     rows = logits.shape[0]
     for name, t in (("seed", seed), ("position", position), ("temperature", temperature),

@@ -17,10 +17,11 @@ threshold is measured (``margingate calibrate``), not proven.
 
 from __future__ import annotations
 
-import json
 import math
 from importlib import resources
 from typing import Any
+
+from .jsonl import loads
 
 POLICIES = ("off", "margin", "always", "invariant", "window")
 # Policies whose determinism is guaranteed by construction: a failure of one is a bug.
@@ -48,10 +49,7 @@ def check_threshold(threshold: Any, where: str) -> None:
 
 def load_threshold_file(text: str, source: str) -> dict[str, Any]:
     """A calibration file's contents; raises ``ValueError`` unless it holds a threshold >= 0."""
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise ValueError(f"threshold file {source} is not valid JSON: {err}") from None
+    data = loads(text, f"threshold file {source}")  # JSONFileError (a ValueError): one line
     value = data.get("threshold") if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"threshold file {source} has no 'threshold' number >= 0")

@@ -28,6 +28,8 @@ import random
 from importlib import resources
 from pathlib import Path
 
+from .jsonl import JSONFileError, loads, read_text, records
+
 Prompt = str | list[int]
 
 BUILTIN = ("math", "code", "chat")
@@ -43,15 +45,13 @@ class PromptFileError(ValueError):
     """A prompt file or set name the user gave cannot be used (message says where and why)."""
 
 
-def _read_jsonl(lines: list[str], where: str) -> list[Prompt]:
+def _read_jsonl(text: str, where: str) -> list[Prompt]:
     prompts: list[Prompt] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in records(text):
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptFileError(f"{where}:{number}: not valid JSON ({err.msg})") from None
+            item = loads(line, f"{where}:{number}")
+        except JSONFileError as err:
+            raise PromptFileError(str(err)) from None
         if not isinstance(item, dict):
             raise PromptFileError(f"{where}:{number}: expected an object with 'prompt' or 'input_ids'")
         if "input_ids" in item:
@@ -82,15 +82,14 @@ def load_prompts_file(path: str | os.PathLike) -> list[Prompt]:
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise PromptFileError(f"cannot read prompt file {str(path)!r}: {err}") from None
-    lines = text.splitlines()
+        text = read_text(path, "prompt file")
+    except JSONFileError as err:
+        raise PromptFileError(str(err)) from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        prompts = _read_jsonl(lines, str(path))
+        prompts = _read_jsonl(text, str(path))
     elif suffix == ".txt":
-        prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
+        prompts = [line.replace("\\n", "\n") for _, line in records(text)]
     else:
         raise PromptFileError(f"prompt file {str(path)!r} must end in .txt or .jsonl")
     if not prompts:
@@ -100,7 +99,7 @@ def load_prompts_file(path: str | os.PathLike) -> list[Prompt]:
 
 def _builtin(name: str) -> list[str]:
     data = resources.files("margingate").joinpath("prompts", f"{name}.jsonl").read_text(encoding="utf-8")
-    prompts = _read_jsonl(data.splitlines(), f"margingate/prompts/{name}.jsonl")
+    prompts = _read_jsonl(data, f"margingate/prompts/{name}.jsonl")
     return [p for p in prompts if isinstance(p, str)]
 
 
@@ -122,11 +121,11 @@ def _sharegpt_first_turns(text: str) -> list[str]:
     # after the last complete record and parse it in one call. Otherwise, one record at a time.
     cut = text.rfind("\n  },\n  {")
     try:
-        records = json.loads(text[:cut] + "\n  }\n]") if cut > 0 else None
+        complete = json.loads(text[:cut] + "\n  }\n]") if cut > 0 else None
     except json.JSONDecodeError:
-        records = None
-    if isinstance(records, list):
-        return [t for t in map(_first_human_turn, records) if t]
+        complete = None
+    if isinstance(complete, list):
+        return [t for t in map(_first_human_turn, complete) if t]
     decoder = json.JSONDecoder()
     turns: list[str] = []
     i = text.index("[") + 1

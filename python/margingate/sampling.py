@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,7 @@ class Sampling:
             raise TypeError(f"{where}: temperature must be a float, got {type(temperature).__name__}")
         if not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"{where}: temperature must be finite and >= 0, got {temperature}")
+        check_float32_temperature(temperature, where)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"{where}: top_k must be an int >= 0 (0 or None: off), got {top_k!r}")
         if min_p is not None and (
@@ -67,6 +69,19 @@ class Sampling:
         if temperature == 0 and (top_k or min_p):
             raise ValueError(f"{where}: top_k / min_p need temperature > 0 (temperature 0 is greedy)")
         return Sampling(float(temperature), top_k or None, float(min_p) if min_p else None)
+
+
+def check_float32_temperature(temperature: float, where: str) -> None:
+    """The sampler divides float32 logits by float32(T): a T that is finite in float64 but
+    overflows float32 (1e39), or rounds to 0 there (1e-46), would fail or divide by zero mid-run."""
+    try:
+        as_float32 = struct.unpack("f", struct.pack("f", temperature))[0]
+    except OverflowError:
+        as_float32 = math.inf
+    if temperature > 0 and not (0 < as_float32 < math.inf):
+        raise ValueError(
+            f"{where}: temperature {temperature!r} is outside float32's range (the sampler computes in float32)"
+        )
 
 
 def check_seeds(seed: Any, count: int, where: str) -> list[int]:

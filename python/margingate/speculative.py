@@ -177,7 +177,13 @@ def as_drafter(drafter: Any, target: torch.nn.Module) -> Any:
     if isinstance(drafter, torch.nn.Module):
         if drafter is target:
             raise ValueError(f"{_WHERE}: drafter is the target model itself; pass a smaller draft model or None")
-        return ModelDrafter(drafter, vocab_limit=hf_compat.vocab_size(target))
+        draft_vocab, target_vocab = hf_compat.vocab_size(drafter), hf_compat.vocab_size(target)
+        if draft_vocab < target_vocab:
+            raise ValueError(
+                f"{_WHERE}: the drafter's vocabulary ({draft_vocab}) is smaller than the model's ({target_vocab}): "
+                "it cannot read every token the model writes; pass a draft model with the model's tokenizer"
+            )
+        return ModelDrafter(drafter, vocab_limit=target_vocab)
     if callable(getattr(drafter, "propose", None)):
         return drafter
     raise TypeError(
