@@ -22,18 +22,10 @@ import torch
 
 import margingate
 from margingate import cli
-from margingate.audit import (
-    Transcript,
-    TranscriptError,
-    fingerprint_matrix,
-    fingerprints,
-    read_transcripts,
-    token_scores,
-    token_scores_materialised,
-    transcripts_from_generation,
-)
+from margingate.difr import fingerprint_matrix, fingerprints, token_scores, token_scores_materialised
 from margingate.noise import gumbel_noise
 from margingate.ops import sample_margin
+from margingate.transcripts import Transcript, TranscriptError, read_transcripts, transcripts_from_generation
 
 transformers = pytest.importorskip("transformers")
 from tests.models import build_model  # noqa: E402
@@ -255,7 +247,7 @@ def test_fingerprint_matrix_is_orthonormal_and_seeded():
 def test_transcript_round_trip(tmp_path, model, prompts):
     marked = fingerprints(model, _generate(model, prompts[:2], "margin", 2), k=4, seed=1, pad_token_id=PAD)
     path = tmp_path / "t.jsonl"
-    from margingate.audit import write_transcripts
+    from margingate.transcripts import write_transcripts
 
     write_transcripts(path, marked)
     back = read_transcripts(path, VOCAB)

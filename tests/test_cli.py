@@ -279,9 +279,14 @@ def test_check_needs_two_configurations_and_writable_outputs(tiny, tmp_path, cap
 
 
 # ----------------------------------------------------------------------------- bench
-def test_bench_runs_scripts_and_prints_table(tmp_path, capsys):
+def test_bench_runs_scripts_and_prints_table(tmp_path, capfd):
+    """`margingate bench` runs bench/run.py of the bench directory (here a copy with fake scripts)."""
+    import shutil
+
+    capsys = capfd  # the runner is a subprocess: its output reaches the file descriptors
     bench = tmp_path / "bench"
     (bench / "python").mkdir(parents=True)
+    shutil.copy(REPO / "bench" / "run.py", bench / "run.py")
     (bench / "__init__.py").write_text("")
     (bench / "python" / "__init__.py").write_text("")
     (bench / "python" / "harness.py").write_text("")
@@ -303,12 +308,24 @@ def test_bench_runs_scripts_and_prints_table(tmp_path, capsys):
     assert "fake: " in capsys.readouterr().out
 
 
-def test_bench_real_margin_quick(capsys):
+def test_bench_real_margin_quick(capfd):
     if not (REPO / "bench" / "python" / "bench_margin.py").is_file():
         pytest.skip("bench_margin.py is not in this checkout")
     assert cli.main(["bench", "--bench-dir", str(REPO / "bench"), "--only", "margin", "--quick"]) == 0
-    out = capsys.readouterr().out
-    assert "speedup" in out and "geomean" in out
+    out = capfd.readouterr().out
+    assert "speedup" in out and "geomean" in out and "--quick" in out
+
+
+def test_bench_never_runs_the_current_directorys_scripts(tmp_path, capfd, monkeypatch):
+    """A bench/ folder in the current directory is not ours to run (it ran before)."""
+    evil = tmp_path / "bench" / "python"
+    evil.mkdir(parents=True)
+    (evil / "harness.py").write_text("")
+    (evil / "bench_evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["bench", "--only", "evil"])
+    assert code == 2 and "no benchmark named evil" in capfd.readouterr().err
+    assert not (tmp_path / "ran").exists()
 
 
 # ----------------------------------------------------------------------------- usage errors
@@ -497,7 +514,7 @@ def test_prompt_files(tmp_path):
 
 
 def test_json_reports_have_no_nan(tmp_path):
-    cli._write_json(str(tmp_path / "r.json"), {"a": math.nan, "b": [math.inf, 1.0]})
+    cli.report.write_json(str(tmp_path / "r.json"), {"a": math.nan, "b": [math.inf, 1.0]})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [None, 1.0]}
 
 
@@ -514,3 +531,66 @@ def test_restart_with_passive_openmp_only_when_unset(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
     cli._reexec_with_passive_openmp(["check"])
     assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- the advice (issue: names only timed policies)
+def _advice(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("fastest deterministic policy")]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_check_advice_names_the_fastest_timed_policy_and_only_a_timed_one(tiny, tmp_path, capsys):
+    """`margin` with an enormous threshold verifies every step: slower than `invariant` on any CPU.
+    With every policy timed the advice must name the measured fastest deterministic one; with the
+    default three it must say which were left out and never name one of them."""
+    report_path = tmp_path / "all.json"
+    args = common(tiny, "--batch-sizes", "1,3", "--max-new-tokens", "6", "--threshold", "1e30")
+    assert cli.main(["check", *args, "--policies", "all", "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert list(report["policies"]) == ["off", "margin", "always", "invariant", "window"]
+    assert report["untimed_policies"] == []
+    deterministic = {p: e["seconds"] for p, e in report["policies"].items() if e["deterministic"]}
+    fastest = min(deterministic, key=deterministic.get)
+    advice = _advice(out)
+    assert advice.startswith(f"fastest deterministic policy of all five policies on this machine: {fastest} (")
+    assert report["policies"]["invariant"]["seconds"] < report["policies"]["margin"]["seconds"]
+    assert "not timed" not in advice
+    # the default set: the advice is about off, margin and always only, and says so
+    assert cli.main(["check", *args, "--json", str(report_path)]) == 0
+    advice = _advice(capsys.readouterr().out)
+    assert "of those timed (off, margin, always)" in advice
+    assert advice.endswith("not timed: invariant, window (`--policies all` times every policy)")
+    named = advice.split(": ", 1)[1].split(" ", 1)[0]
+    assert named in ("off", "margin", "always")
+    assert json.loads(report_path.read_text())["untimed_policies"] == ["invariant", "window"]
+
+
+def test_advice_and_increment_lines_rest_on_what_was_measured():
+    from margingate.cli.check import advice_line, increment_line
+
+    def entry(seconds, deterministic=True, increment=0.0):
+        return {"seconds": seconds, "deterministic": deterministic, "latency_increment_s": increment}
+
+    policies = {
+        "off": entry(10.0, deterministic=False), "margin": entry(14.0, increment=4.0),
+        "always": entry(18.0, increment=8.0), "invariant": entry(8.0, increment=-2.0),
+        "window": entry(30.0, False, 20.0),
+    }  # fmt: skip
+    report = {"policies": policies, "fastest_deterministic": "invariant", "fastest_deterministic_beats_off": True}
+    assert advice_line(report, list(policies)).startswith(
+        "fastest deterministic policy of all five policies on this machine: invariant (invariant 8.0 s, margin 14.0 s"
+    )
+    timed = ["off", "margin", "always"]
+    narrowed = {"policies": {p: policies[p] for p in timed}, "fastest_deterministic": "margin",
+                "fastest_deterministic_beats_off": False}  # fmt: skip
+    line = advice_line(narrowed, timed)
+    assert ": margin (margin 14.0 s, always 18.0 s)" in line and "invariant" in line.split("not timed:")[1]
+    assert "invariant (" not in line
+    assert increment_line(policies, "always") == (
+        "latency increment always / margin: 2.00x (always +8.0 s over off, margin +4.0 s)"
+    )
+    policies["margin"]["latency_increment_s"] = -0.3
+    assert "no ratio" in increment_line(policies, "always") and "margin -0.3 s" in increment_line(policies, "always")
+    assert increment_line({"off": policies["off"]}, "always") is None

@@ -191,8 +191,8 @@ def test_cli_readers_are_total(tmp_path, capsys, case, reader):
 
 def test_a_raw_line_separator_inside_a_json_string_is_one_line(tmp_path):
     """U+2028 is allowed raw inside a JSON string; str.splitlines cut the line there."""
-    from margingate.audit import read_transcripts
     from margingate.prompt_sets import load_prompts_file
+    from margingate.transcripts import read_transcripts
 
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"id": "a\u2028b", "prompt_ids": [1], "output_ids": [2]}, ensure_ascii=False) + "\r\n")

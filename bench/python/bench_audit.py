@@ -43,10 +43,11 @@ from harness import print_table  # noqa: E402
 
 import margingate  # noqa: E402
 from margingate import hf_compat  # noqa: E402
-from margingate.audit import Transcript, fingerprints, transcripts_from_generation  # noqa: E402
 from margingate.batching import encode_prompts, left_pad  # noqa: E402
 from margingate.canonical import canonical_forward  # noqa: E402
+from margingate.difr import fingerprints  # noqa: E402
 from margingate.ops import sample_margin  # noqa: E402
+from margingate.transcripts import Transcript, transcripts_from_generation  # noqa: E402
 
 TOKENS_AUDITED = (1, 2, 4, 8, 16, 32, 64, 128)
 FINGERPRINT_K = 16

@@ -30,20 +30,34 @@ from .policies import EXACT_POLICIES, POLICIES  # noqa: E402
 
 __all__ += ["EXACT_POLICIES", "POLICIES", "batch_invariant"]
 
-try:
-    from .audit import audit
-    from .canonical import SUPPORTED_MODEL_TYPES, canonical_forward, canonical_prefill
-    from .generation import GenerationResult, generate
-    from .processor import MarginGateProcessor
-except ModuleNotFoundError as error:  # transformers is the optional [hf] extra
-    if error.name != "transformers" and not str(error.name).startswith("transformers."):
-        raise
-    SUPPORTED_MODEL_TYPES = ()
+# The decode stack imports transformers (the optional [hf] extra, and a few seconds of imports):
+# its names are loaded on first use, so `import margingate` (and a CLI usage error) stays fast.
+_LAZY = {
+    "audit": "difr",
+    "SUPPORTED_MODEL_TYPES": "canonical",
+    "canonical_forward": "canonical",
+    "canonical_prefill": "canonical",
+    "GenerationResult": "generation",
+    "generate": "generation",
+    "MarginGateProcessor": "processor",
+}
 
-    def _needs_transformers(*args, **kwargs):
-        raise ImportError('this part of margingate needs transformers: pip install "margingate[hf]"')
 
-    audit = canonical_forward = canonical_prefill = generate = MarginGateProcessor = GenerationResult = _needs_transformers
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'margingate' has no attribute {name!r}")
+    import importlib
+
+    try:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    except ModuleNotFoundError as error:  # transformers is the optional [hf] extra
+        if error.name != "transformers" and not str(error.name).startswith("transformers."):
+            raise
+        raise ImportError(f'margingate.{name} needs transformers: pip install "margingate[hf]"') from None
+    globals()[name] = value
+    return value
+
 
 __all__ += [
     "SUPPORTED_MODEL_TYPES",
