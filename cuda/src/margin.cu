@@ -19,79 +19,20 @@
 #include "device_utils.cuh"
 #include "margingate/cuda/margin.h"
 #include "margin_plan.h"
+#include "top2.cuh"
 
 namespace margingate::cuda {
 namespace {
 
-using detail::kFullMask;
-
-struct Top2 {
-  float v1, v2;  // best and second-best number (not NaN)
-  int i1, i2;    // their indices, -1 = none
-  int n1, n2;    // the two smallest indices holding NaN, INT_MAX = none
-};
-
-__device__ __forceinline__ Top2 empty_top2() { return Top2{-INFINITY, -INFINITY, -1, -1, INT_MAX, INT_MAX}; }
-
-// Does (v, i) rank above (w, j)? An empty slot (j < 0) ranks below everything.
-__device__ __forceinline__ bool ranks_above(float v, int i, float w, int j) {
-  if (i < 0) return false;
-  if (j < 0) return true;
-  return v > w || (v == w && i < j);
-}
-
-__device__ __forceinline__ void offer_number(Top2& t, float v, int i) {
-  if (ranks_above(v, i, t.v1, t.i1)) {
-    t.v2 = t.v1;
-    t.i2 = t.i1;
-    t.v1 = v;
-    t.i1 = i;
-  } else if (ranks_above(v, i, t.v2, t.i2)) {
-    t.v2 = v;
-    t.i2 = i;
-  }
-}
-
-__device__ __forceinline__ void offer_nan(Top2& t, int i) {
-  if (i < t.n1) {
-    t.n2 = t.n1;
-    t.n1 = i;
-  } else if (i < t.n2) {
-    t.n2 = i;
-  }
-}
-
-__device__ __forceinline__ void offer(Top2& t, float v, int i) {
-  if (isnan(v)) {
-    offer_nan(t, i);
-  } else {
-    offer_number(t, v, i);
-  }
-}
+using detail::empty_top2;
+using detail::merge;
+using detail::offer;
+using detail::Top2;
 
 // Within one thread indices only grow, so a value equal to the current second best can never
 // rank above it: skipping `v <= v2` is exact, and it is the common case.
 __device__ __forceinline__ void offer_increasing(Top2& t, float v, int i) {
   if (!(v <= t.v2) || t.i2 < 0) offer(t, v, i);
-}
-
-__device__ __forceinline__ Top2 merge(Top2 a, const Top2& b) {
-  offer_number(a, b.v1, b.i1);
-  offer_number(a, b.v2, b.i2);
-  offer_nan(a, b.n1);
-  offer_nan(a, b.n2);
-  return a;
-}
-
-__device__ __forceinline__ Top2 shfl_xor(const Top2& t, int o) {
-  Top2 r;
-  r.v1 = __shfl_xor_sync(kFullMask, t.v1, o);
-  r.v2 = __shfl_xor_sync(kFullMask, t.v2, o);
-  r.i1 = __shfl_xor_sync(kFullMask, t.i1, o);
-  r.i2 = __shfl_xor_sync(kFullMask, t.i2, o);
-  r.n1 = __shfl_xor_sync(kFullMask, t.n1, o);
-  r.n2 = __shfl_xor_sync(kFullMask, t.n2, o);
-  return r;
 }
 
 __device__ __forceinline__ void write_result(const Top2& t, int64_t row, int64_t* top1, int64_t* top2,
@@ -166,17 +107,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // Merge: warp butterfly, then warp 0 over the warps (exact, so the tree shape is irrelevant).
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) t = merge(t, shfl_xor(t, o));
+  static_assert(kThreads == 32 * 32, "merge_block_into_warp0 merges 32 warps");
   __shared__ Top2 warps[kThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warps[warp] = t;
-  __syncthreads();
-  if (warp != 0) return;
-  t = lane < kThreads / 32 ? warps[lane] : empty_top2();
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) t = merge(t, shfl_xor(t, o));
-  if (lane != 0) return;
+  t = detail::merge_block_into_warp0(t, warps);
+  if (threadIdx.x != 0) return;
   if (plan.segments == 1) {
     write_result(t, row, top1, top2, margin);
   } else {

@@ -21,6 +21,7 @@
 
 #include "device_utils.cuh"
 #include "margingate/cuda/sampling.h"
+#include "top2.cuh"
 
 namespace margingate::cuda {
 namespace {
@@ -32,54 +33,12 @@ constexpr int kWarps = kThreads / 32;
 // Every noise value is at most -log(-log(1 - 2^-53)) = 36.7368...; a looser bound only prunes less.
 constexpr float kNoiseBound = 36.75f;
 
-// ---- greedy top-2 with the two smallest NaN indices (margingate::margin's rule) ----
-struct Greedy {
-  float v1, v2;
-  int i1, i2;  // -1 = none
-  int n1, n2;  // INT_MAX = none
-};
-__device__ __forceinline__ Greedy empty_greedy() { return Greedy{-INFINITY, -INFINITY, -1, -1, INT_MAX, INT_MAX}; }
-
-__device__ __forceinline__ bool ranks_above(float v, int i, float w, int j) {
-  if (i < 0) return false;
-  if (j < 0) return true;
-  return v > w || (v == w && i < j);
-}
-
-__device__ __forceinline__ void offer_number(Greedy& t, float v, int i) {
-  if (ranks_above(v, i, t.v1, t.i1)) {
-    t.v2 = t.v1;
-    t.i2 = t.i1;
-    t.v1 = v;
-    t.i1 = i;
-  } else if (ranks_above(v, i, t.v2, t.i2)) {
-    t.v2 = v;
-    t.i2 = i;
-  }
-}
-
-__device__ __forceinline__ void offer_nan(Greedy& t, int i) {
-  if (i < t.n1) {
-    t.n2 = t.n1;
-    t.n1 = i;
-  } else if (i < t.n2) {
-    t.n2 = i;
-  }
-}
-
-__device__ __forceinline__ Greedy merge(Greedy a, const Greedy& b) {
-  offer_number(a, b.v1, b.i1);
-  offer_number(a, b.v2, b.i2);
-  offer_nan(a, b.n1);
-  offer_nan(a, b.n2);
-  return a;
-}
-
-__device__ __forceinline__ Greedy shfl_xor(const Greedy& t, int o) {
-  return Greedy{__shfl_xor_sync(kFullMask, t.v1, o), __shfl_xor_sync(kFullMask, t.v2, o),
-                __shfl_xor_sync(kFullMask, t.i1, o), __shfl_xor_sync(kFullMask, t.i2, o),
-                __shfl_xor_sync(kFullMask, t.n1, o), __shfl_xor_sync(kFullMask, t.n2, o)};
-}
+// ---- greedy top-2 with the two smallest NaN indices: margingate::margin's state (top2.cuh) ----
+using detail::empty_top2;
+using detail::offer_nan;
+using detail::offer_number;
+using detail::ranks_above;
+using detail::Top2;
 
 // ---- noised top-2 (score desc, index asc) ----
 struct Noised {
@@ -129,17 +88,9 @@ __device__ __forceinline__ MinFloat shfl_xor(const MinFloat& t, int o) {
 // Block-wide merge; every thread gets the result. `warps` and `result` are shared memory.
 template <typename S>
 __device__ __forceinline__ S block_merge(S v, S* warps, S* result) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = merge(v, shfl_xor(v, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warps[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = warps[lane];  // kWarps == 32
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = merge(v, shfl_xor(v, o));
-    if (lane == 0) *result = v;
-  }
+  static_assert(kWarps == 32, "merge_block_into_warp0 merges 32 warps");
+  v = detail::merge_block_into_warp0(v, warps);
+  if (threadIdx.x == 0) *result = v;
   __syncthreads();
   const S out = *result;
   __syncthreads();  // the shared slots may be reused by the next merge
@@ -198,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
                          const float* __restrict__ temperature, const int64_t* __restrict__ top_k,
                          const float* __restrict__ min_p, int64_t* __restrict__ token, int64_t* __restrict__ runner_up,
                          float* __restrict__ margin, float* __restrict__ cutoff_margin) {
-  __shared__ Greedy greedy_warps[kWarps], greedy_result;
+  __shared__ Top2 greedy_warps[kWarps], greedy_result;
   __shared__ Noised noised_warps[kWarps], noised_result;
   __shared__ MinKey key_warps[kWarps], key_result;
   __shared__ MinFloat min_warps[kWarps], min_result;
@@ -211,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
   auto at = [&](int c) { return detail::to_float(base[static_cast<int64_t>(c) * col_stride]); };
 
   // (1) greedy top-2, NaN and x_max.
-  Greedy g = empty_greedy();
+  Top2 g = empty_top2();
   for (int c = tid; c < vocab; c += kThreads) {
     const float x = at(c);
     if (isnan(x)) {
