@@ -5,9 +5,9 @@
 //
 // What is exact is compared bit for bit: margin and kv_patch_ always; linear's rows against the
 // same rows computed alone, at another position of another batch, from transposed copies and on
-// one thread; and, at the levels whose K-reduction order is a plain sequence of fp32 operations
-// (scalar: 8 interleaved multiply-then-add lanes; avx2 and neon: 8 fused multiply-add lanes),
-// linear against that sequence written out in scalar code; sample_margin against its definition
+// one thread; and, at scalar, avx2 and neon (one bit class: 8 interleaved fused multiply-add
+// lanes, the canonical bit contract), linear at every dtype against that sequence written out in
+// scalar code; sample_margin against its definition
 // (sampling.h) evaluated plainly, index by index. Attention and avx512's bf16 linear
 // (whose dot-product instruction has its own internal rounding) are held to an error bound against
 // a double-precision reference, plus attention's batch/padding invariance, bit for bit.
@@ -246,11 +246,11 @@ std::vector<char> run_linear(const LinearCase& c, const std::vector<char>& x, co
   return y;
 }
 
-// The scalar and avx2/neon levels' K-reduction, written out: 8 lanes (lane l takes k = l mod 8),
-// `fused` = one fma per lane and chunk (else multiply, then add), the halving tree 4, 2, 1, + bias,
-// one rounding.
+// The K-reduction of the scalar, avx2 and neon levels, written out: 8 lanes (lane l takes
+// k = l mod 8), one fma per lane and chunk (zeros past K), the halving tree 4, 2, 1, + bias, one
+// rounding.
 std::vector<char> linear_sequence(const LinearCase& c, const std::vector<char>& x, const std::vector<char>& w,
-                                  const std::vector<char>& bias, bool fused) {
+                                  const std::vector<char>& bias) {
   Buffer y(c.dtype, c.M * c.N);
   for (int64_t m = 0; m < c.M; ++m) {
     for (int64_t n = 0; n < c.N; ++n) {
@@ -259,11 +259,9 @@ std::vector<char> linear_sequence(const LinearCase& c, const std::vector<char>& 
       for (int64_t ch = 0; ch < chunks; ++ch) {
         for (int l = 0; l < 8; ++l) {
           const int64_t k = ch * 8 + l;
-          // The scalar level skips lanes past K; the SIMD levels multiply zeros there.
-          if (k >= c.K && !fused) continue;
           const float xv = k < c.K ? read(c.dtype, x, m * c.K + k) : 0.f;
           const float wv = k < c.K ? read(c.dtype, w, n * c.K + k) : 0.f;
-          acc[l] = fused ? std::fma(xv, wv, acc[l]) : acc[l] + xv * wv;
+          acc[l] = std::fma(xv, wv, acc[l]);
         }
       }
       for (int half = 4; half >= 1; half /= 2)
@@ -321,11 +319,10 @@ void check_linear(Checker& ck, const Parallel& parallel) {
     }
     if (accurate) ck.expect(true, name);
 
-    // The level's own sequence, bit for bit, where it is a plain fp32 sequence.
+    // The canonical 8-lane fma sequence, bit for bit, at every level of that bit class.
     if (level == SimdLevel::kScalar || level == SimdLevel::kAvx2 || level == SimdLevel::kNeon) {
-      const bool fused = level != SimdLevel::kScalar;
-      ck.expect(same_bits(y, linear_sequence(c, x, w, bias, fused)),
-                name + ": differs from the " + simd_level_name(level) + " reduction sequence");
+      ck.expect(same_bits(y, linear_sequence(c, x, w, bias)),
+                name + ": differs from the canonical 8-lane fma sequence at " + simd_level_name(level));
     }
 
     // Row invariance: each row alone, and at position 2 of a batch of 4 other rows.

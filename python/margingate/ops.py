@@ -34,7 +34,16 @@ def build_info() -> dict[str, object]:
     is: ``detected``, ``capped by MARGINGATE_SIMD=...``, or why a ``MARGINGATE_SIMD`` value was not
     honoured). The level is fixed when the process first uses it. ``parallel``: whether the
     kernels run on torch's intra-op threads (``torch.get_num_threads()``); False means a build
-    without OpenMP, where every op runs on one thread."""
+    without OpenMP, where every op runs on one thread.
+
+    ``canonical_bits``: which bits the canonical forward gives here, ``"<contract>/<class>"``
+    (docs/DESIGN.md, "One bit pattern per op"). Contract 1: every op reduces in one fixed order per
+    bit class and is independent of batch, padding, query window and threads. Classes: ``cpu-fma8``
+    (the scalar, avx2 and neon levels: the same bits on every such CPU, checked op by op by
+    ``margingate_bench --check`` and end to end by the tests), ``cpu-avx512`` (16-lane linear and
+    vdpbf16ps: its own bits until rewritten and tested on an AVX-512 machine), ``cuda`` (its own
+    until a GPU run measures it). Transcripts record it; the audit promises exact zero within
+    one class."""
     info: dict[str, object] = {}
     for item in torch.ops.margingate.build_info().split(";"):
         key, _, value = item.partition("=")
@@ -42,7 +51,18 @@ def build_info() -> dict[str, object]:
     info["cuda"] = info.get("cuda") == "1"
     info["parallel"] = info.get("parallel") == "1"
     info["torch_runtime"] = torch.__version__
+    info["canonical_bits"] = canonical_bits(str(info.get("simd", "")))
     return info
+
+
+CANONICAL_BITS_CONTRACT = 1
+
+
+def canonical_bits(simd: str, device: str = "cpu") -> str:
+    """The bit class of the canonical forward at a SIMD level (or on CUDA): see ``build_info``."""
+    if device == "cuda":
+        return f"{CANONICAL_BITS_CONTRACT}/cuda"
+    return f"{CANONICAL_BITS_CONTRACT}/cpu-avx512" if simd == "avx512" else f"{CANONICAL_BITS_CONTRACT}/cpu-fma8"
 
 
 def _check_devices(op: str, anchor: str, tensors: dict, indices: dict | None = None) -> None:

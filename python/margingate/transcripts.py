@@ -47,6 +47,7 @@ _KEYS = {
     "min_p",
     "seed",
     "fingerprint",
+    "canonical_bits",
 }
 
 
@@ -71,6 +72,8 @@ class Transcript:
     fingerprint: dict[str, Any] | None = None
     id: Any = None
     provider: str | None = None
+    # the bit class of the canonical forward where the transcript was made (build_info()["canonical_bits"])
+    canonical_bits: str | None = None
     source: str | None = dataclasses.field(default=None, compare=False)  # "FILE line N"; not written
 
     def to_json(self) -> dict[str, Any]:
@@ -79,6 +82,8 @@ class Transcript:
             d["id"] = self.id
         if self.provider is not None:
             d["provider"] = self.provider
+        if self.canonical_bits is not None:
+            d["canonical_bits"] = self.canonical_bits
         if self.prompt_ids is not None:
             d["prompt_ids"] = list(self.prompt_ids)
         else:
@@ -145,6 +150,10 @@ def parse_transcript(d: Any, where: str = "transcript", vocab_size: int | None =
     )
     if t.provider is not None and not isinstance(t.provider, str):
         raise TranscriptError(f"{where}: provider must be a string")
+    bits = d.get("canonical_bits")
+    if bits is not None and not (isinstance(bits, str) and 0 < len(bits) <= 64):
+        raise TranscriptError(f"{where}: canonical_bits must be a short string like '1/cpu-fma8', got {bits!r}")
+    t.canonical_bits = bits
     if t.temperature > 0:
         seed = d.get("seed")
         if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
@@ -222,10 +231,14 @@ def write_transcripts(path: str | Path, transcripts: Sequence[Transcript]) -> No
 
 
 def transcripts_from_generation(
-    prompts: Sequence[Sequence[int]], sequences: Sequence[Sequence[int]], provider: str | None = None
+    prompts: Sequence[Sequence[int]],
+    sequences: Sequence[Sequence[int]],
+    provider: str | None = None,
+    canonical_bits: str | None = None,
 ) -> list[Transcript]:
-    """Greedy transcripts of ``generate``'s prompts (token ids) and ``GenerationResult.sequences``."""
+    """Greedy transcripts of ``generate``'s prompts (token ids) and ``GenerationResult.sequences``;
+    ``canonical_bits``: the bit class they were made under (``build_info()["canonical_bits"]``)."""
     return [
-        Transcript(output_ids=list(s), prompt_ids=list(p), id=i, provider=provider)
+        Transcript(output_ids=list(s), prompt_ids=list(p), id=i, provider=provider, canonical_bits=canonical_bits)
         for i, (p, s) in enumerate(zip(prompts, sequences, strict=True))
     ]

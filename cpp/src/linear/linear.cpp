@@ -14,10 +14,11 @@
 //        avx512 fp16/fp32, avx2 and neon (all)  acc = fma(x[k:k+L], w[k:k+L], acc)   (bf16/fp16
 //                     widened exactly to fp32 first; neon holds the 8 lanes in two registers and
 //                     so computes exactly avx2's bits)
-//        scalar       acc[l] = acc[l] + x[k+l] * w[k+l], l = 0..7   (two roundings; the
-//                     core builds with -ffp-contract=off, so the compiler may not fuse them)
-//      The last, partial chunk reads zeros beyond K (masked loads; the scalar level simply skips
-//      those lanes), the same for every row.
+//        scalar       acc[l] = fma(x[k+l], w[k+l], acc[l]), l = 0..7   (std::fma: one rounding,
+//                     the bits of avx2's and neon's vfmadd; the core builds with
+//                     -ffp-contract=off, so no other multiply-add is fused behind our back)
+//      The last, partial chunk reads zeros beyond K (masked loads; the scalar level feeds zeros
+//      to the same fma), the same for every row.
 //      There is no split-K and no shape-dependent choice of chunk, instruction or accumulator
 //      count: register blocking computes several (m, n) pairs side by side, but each pair has
 //      its own accumulator that sees exactly the sequence above.
@@ -34,10 +35,13 @@
 // layouts cannot change the result either. Threads only decide which tiles they compute
 // (run_blocks in linear_impl.h, work units taken from a shared counter), never how an element is
 // computed.
-// Different SIMD levels are different (each fixed) sequences: a process uses one level
-// (simd_level() is read once), and the tests check each level on its own. The self-check of the
-// C++ benchmark binary (margingate_bench --check) also replays the scalar and avx2/neon sequences
-// in plain scalar code and demands the same bits.
+// One bit class across levels (the canonical bit contract, docs/DESIGN.md): scalar, avx2 and
+// neon perform the same 8-lane fma sequence, so they give the same bits for every dtype and the
+// canonical forward is the same on every such CPU. avx512 (16 lanes; vdpbf16ps for bf16) is a
+// sequence of its own until it is rewritten and tested on an AVX-512 machine. The self-check of
+// the C++ benchmark binary (margingate_bench --check) replays the 8-lane sequence in plain scalar
+// code and demands the same bits at scalar, avx2 and neon.
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -57,14 +61,19 @@ void scalar_tiles(const Problem& p, const Parallel& parallel) {
     const T* xr = x + m0 * p.x_row_stride;
     for (int64_t n = n0; n < n0 + cols; ++n) {
       const T* wr = w + n * p.w_row_stride;
-      // 8 interleaved partial sums (lane l takes k = l mod 8), like an 8-lane vector: shorter
-      // rounding chains than one running sum, then the same halving tree as the SIMD levels.
+      // 8 interleaved partial sums (lane l takes k = l mod 8), exactly an 8-lane fma vector:
+      // the same bits as the avx2/neon levels, then the same halving tree.
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       int64_t k = 0;
       for (; k + 8 <= p.K; k += 8) {
-        for (int l = 0; l < 8; ++l) acc[l] = acc[l] + to_float(xr[k + l]) * to_float(wr[k + l]);
+        for (int l = 0; l < 8; ++l) acc[l] = std::fma(to_float(xr[k + l]), to_float(wr[k + l]), acc[l]);
       }
-      for (int l = 0; k + l < p.K; ++l) acc[l] = acc[l] + to_float(xr[k + l]) * to_float(wr[k + l]);
+      if (k < p.K) {  // the partial chunk: zeros past K, as the SIMD levels' masked loads read them
+        for (int l = 0; l < 8; ++l) {
+          const bool in = k + l < p.K;
+          acc[l] = std::fma(in ? to_float(xr[k + l]) : 0.f, in ? to_float(wr[k + l]) : 0.f, acc[l]);
+        }
+      }
       for (int half = 4; half >= 1; half /= 2) {
         for (int l = 0; l < half; ++l) acc[l] = acc[l] + acc[l + half];
       }

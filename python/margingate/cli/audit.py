@@ -102,6 +102,13 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['exact']} exact, {summary['passed']} passed, {summary['failed']} failed; match rate "
         f"{pct(summary['match_rate'])}, mean score {fmt(summary['mean_score'])}, max score {fmt(summary['max_score'])}"
     )
+    other = [fmt(r["id"]) for r in rows if r.get("other_bit_class")]
+    if other:
+        print(
+            f"note: {len(other)} transcript(s) ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}) were made "
+            f"under another canonical bit class than this machine's ({summary['canonical_bits']}): exact zero is not "
+            "promised for them (build_info()['canonical_bits'])"
+        )
     if mismatches:
         print(
             "note: a transcript of the fast path (`off`) may differ from the reference at near-ties without anything "

@@ -7,6 +7,7 @@ import argparse
 
 from ..difr import fingerprints
 from ..generation import generate
+from ..ops import build_info, canonical_bits
 from ..sampling import prompt_seed
 from ..transcripts import FINAL_HIDDEN, transcripts_from_generation, write_transcripts
 from .common import (
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
     provider = f"margingate {args.policy} batch {args.batch_size or len(prompts)}"
-    transcripts = transcripts_from_generation(prompts, result.sequences, provider)
+    bits = canonical_bits(str(build_info()["simd"]), next(model.parameters()).device.type)
+    transcripts = transcripts_from_generation(prompts, result.sequences, provider, canonical_bits=bits)
     if args.temperature > 0:  # each transcript carries what the audit needs to re-sample it
         for t, seed in zip(transcripts, seeds, strict=True):
             t.temperature, t.seed, t.top_k, t.min_p = args.temperature, seed, args.top_k or 0, args.min_p or 0.0
