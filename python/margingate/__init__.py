@@ -1,18 +1,25 @@
 """margingate: reproducible LLM decoding (the same tokens alone or in any batch) at a fraction of
 the cost of running everything with batch-invariant kernels.
 
-The package root only re-exports. Layers, each importing only the ones above it in this list:
+The package root only re-exports (the transformers-dependent names on first use). Layers, each
+importing only the ones above it in this list (docs/DESIGN.md has the module table):
 
-- ``ops``: the native kernels (``margin``, ``linear``, ``attention``, ``kv_patch_``);
-- ``invariant_mode``: ``batch_invariant()``, row-invariant kernels for any torch model;
+- ``jsonl``: the one total reader of user JSON/JSONL files;
+- ``ops``: the native kernels (``margin``, ``linear``, ``attention``, ``kv_patch_``,
+  ``sample_margin``) and ``build_info``; ``noise``: the sampler's noise in plain torch;
+- ``invariant_mode``: ``batch_invariant()``, row-invariant kernels for any torch model (it
+  imports ``hf_attention`` only when given a transformers model);
 - ``hf_attention``: the ``"margingate"`` Hugging Face attention implementation;
-- ``hf_compat``, ``batching``: the one adapter to transformers; left padding;
+- ``hf_compat``, ``batching``: the owner of transformers internals; left padding;
 - ``canonical``: ``canonical_forward`` / ``canonical_prefill``, the reference forward;
 - ``verifier``: canonical replay and in-place K/V repair of flagged rows;
-- ``policies``, ``processor``: the policies and thresholds; ``MarginGateProcessor``, one gated step;
-- ``generation``: ``generate``, margingate's decode loop;
+- ``policies``, ``sampling``, ``stats``, ``processor``: the policies and thresholds; the sampler;
+  per-row statistics; ``MarginGateProcessor``, one gated step;
+- ``decoding``, ``speculative``, ``generation``: ``generate``, margingate's decode loops;
 - ``measure``: flips and determinism across batch configurations (the CLI and benchmarks use it);
-- ``cli``: the ``margingate`` command.
+- ``transcripts``, ``difr``: the transcript format; ``audit`` (Token-DiFR, Activation-DiFR);
+- ``models``, ``prompt_sets``: model loading and the built-in prompt sets;
+- ``cli``: the ``margingate`` command; ``vllm``: the vLLM plugin.
 """
 
 import torch  # noqa: F401  (the extension links against the already-imported torch)
