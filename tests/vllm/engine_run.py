@@ -60,17 +60,17 @@ def main() -> None:
     vocab = llm.llm_engine.model_config.get_vocab_size()
     prompts = prompts_for(min(vocab, 32000), args.prompts)
 
-    def params(i: int, seeded: bool) -> SamplingParams:
-        extra = {"margingate_margins": f"p{i}"} if args.margins else None
+    def params(i: int, seeded: bool, tag: str) -> SamplingParams:
+        extra = {"margingate_margins": f"{tag}/p{i}"} if args.margins else None
         if seeded:
             return SamplingParams(max_tokens=args.max_tokens, temperature=0.8, top_k=40, seed=1000 + i,
                                   logprobs=0, detokenize=False, ignore_eos=True, extra_args=extra)  # fmt: skip
         return SamplingParams(max_tokens=args.max_tokens, temperature=0.0, logprobs=0, detokenize=False,
                               ignore_eos=True, extra_args=extra)  # fmt: skip
 
-    def run(indices: list[int], filler: int = 0, *, seeded: bool) -> tuple[dict[int, dict], float]:
+    def run(indices: list[int], filler: int = 0, *, seeded: bool, tag: str) -> tuple[dict[int, dict], float]:
         requests = [{"prompt_token_ids": prompts[i]} for i in indices]
-        sampling = [params(i, seeded) for i in indices]
+        sampling = [params(i, seeded, tag) for i in indices]
         rng = random.Random(filler)
         for _ in range(filler):  # unrelated requests sharing the batch
             requests.append({"prompt_token_ids": [rng.randrange(min(vocab, 32000)) for _ in range(rng.randrange(5, 120))]})
@@ -87,28 +87,38 @@ def main() -> None:
         return result, elapsed
 
     everything = list(range(len(prompts)))
-    out: dict = {"load_s": load_s, "plugin": os.environ.get("MARGINGATE_VLLM", ""), "runs": {}, "seconds": {}}
+    out: dict = {"load_s": load_s, "plugin": os.environ.get("MARGINGATE_VLLM", ""), "runs": {}, "seconds": {},
+                 "errors": {}}  # fmt: skip
     for mode in ("greedy", "seeded") if args.seeded else ("greedy",):
-        seeded = mode == "seeded"
+        try:
+            run_mode(mode, everything, args.alone, out, run)
+        except Exception as error:  # the plugin-off control's seeded run can kill vLLM's engine
+            out["errors"][mode] = f"{type(error).__name__}: {error}"[:2000]
+            break
+        finally:
+            with open(args.out, "w") as f:
+                json.dump(out, f)
 
-        def alone(name: str, seeded: bool = seeded, mode: str = mode) -> None:
-            results: dict[int, dict] = {}
-            t = time.perf_counter()
-            for i in range(args.alone):
-                results.update(run([i], seeded=seeded)[0])
-            out["runs"][f"{mode}/{name}"], out["seconds"][f"{mode}/{name}"] = results, time.perf_counter() - t
 
-        alone("cold")  # the first time these prompts are seen: no prefix-cache hit
-        for name, indices, filler in (
-            ("batched", everything, 0),
-            ("repeat", everything, 0),  # every prompt's full blocks now come from the prefix cache
-            ("shuffled", everything[::-1], 7),
-        ):
-            key = f"{mode}/{name}"
-            out["runs"][key], out["seconds"][key] = run(indices, filler, seeded=seeded)
-        alone("warm")
-    with open(args.out, "w") as f:
-        json.dump(out, f)
+def run_mode(mode: str, everything: list[int], alone_count: int, out: dict, run) -> None:
+    seeded = mode == "seeded"
+
+    def alone(name: str) -> None:
+        results: dict[int, dict] = {}
+        t = time.perf_counter()
+        for i in range(alone_count):
+            results.update(run([i], seeded=seeded, tag=f"{mode}/{name}")[0])
+        out["runs"][f"{mode}/{name}"], out["seconds"][f"{mode}/{name}"] = results, time.perf_counter() - t
+
+    alone("cold")  # the first time these prompts are seen: no prefix-cache hit
+    for name, indices, filler in (
+        ("batched", everything, 0),
+        ("repeat", everything, 0),  # every prompt's full blocks now come from the prefix cache
+        ("shuffled", everything[::-1], 7),
+    ):
+        key = f"{mode}/{name}"
+        out["runs"][key], out["seconds"][key] = run(indices, filler, seeded=seeded, tag=key)
+    alone("warm")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Off unless ``MARGINGATE_VLLM=invariant`` is set in the environment of every vLLM
   cache and attends each request's keys (gathered from its block table) with
   ``margingate.attention``, so a query's bits do not depend on the batch, on how chunked prefill
   split the prompt, on a prefix-cache hit or on decode vs prefill;
+- ``activations``: the gated GELU / SiLU with margingate's position-free activation functions;
 - ``sampler``: a vLLM (v1) logits processor: seeded T > 0 requests are sampled with
   ``margingate.sample_margin`` (counter-based noise keyed by seed and position, so any batch gives
   the same token), and opted-in requests' top-1/top-2 margins are written to a JSONL side channel;

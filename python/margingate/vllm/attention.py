@@ -6,15 +6,18 @@ It keeps vLLM's CPU backend for everything but the arithmetic: the cache tensor 
 tables, slot mapping) and the scheduler. What changes:
 
 - **cache write** (``do_kv_cache_update``): each new token's K and V rows are copied into their
-  slot with plain indexing (an exact copy; vLLM's ``cpu_attn_reshape_and_cache`` may pack keys in
-  an ISA-specific layout, so this backend owns both the write and the read);
+  slot with plain indexing (an exact copy). The cache keeps vLLM's shape and size, but the order
+  inside a block is this backend's: slot-major (a token's K then V, all heads), so a request's
+  tokens gather with one index per token (vLLM's ``cpu_attn_reshape_and_cache`` packs keys in an
+  ISA-specific order instead; nothing else reads the cache's contents);
 - **attention** (``forward``): each request's keys and values are gathered from its blocks
   (block table, positions ``0 .. seq_len - 1``) and ``margingate.attention`` attends its queries
   over them. That kernel reduces the keys in fixed chunks counted from the request's first key, so
   a query's bits are a function of the query and the keys it sees: the same alone or in a batch,
   whether the prompt came in one prefill or in chunks, from a prefix-cache hit or not, in a decode
   step or inside a prefill. Decode requests (one query) of a step run as one call, left-padded to
-  the longest (``kv_start`` skips the padding); each prefill chunk runs as its own call.
+  the longest (``kv_start`` skips the padding); each prefill chunk runs as its own call. The slots
+  to gather are computed once per step and shared by all layers.
 
 The gather is a copy of each request's K/V per layer and step (a first version: correct, and
 cheap for short contexts; a kernel that reads the block table directly would remove it).
@@ -77,20 +80,24 @@ class MarginGateAttentionImpl(CPUAttentionBackendImpl):
             _refuse(f"head size {head_size} (at most 256)")
 
     @staticmethod
-    def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        kv = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1)
-        return kv[:, :, :block_size], kv[:, :, block_size:], block_size
+    def _tokens(kv_cache: torch.Tensor) -> torch.Tensor:
+        """The cache as ``[num_blocks * block_size, 2, num_kv_heads, head_size]``: slot ``s`` (block
+        ``s // block_size``, row ``s % block_size``) holds its token's K then V, every head. vLLM's
+        shape and size are kept; the order inside a block is this backend's own (it alone writes
+        and reads the cache), chosen so that a request's tokens gather with one index per token."""
+        num_blocks, num_kv_heads, block_size, twice_head = kv_cache.shape
+        if not kv_cache.is_contiguous():
+            raise RuntimeError("margingate: the invariant attention needs a contiguous KV cache per layer")
+        return kv_cache.view(num_blocks * block_size, 2, num_kv_heads, twice_head // 2)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        key_cache, value_cache, block_size = self._split(kv_cache)
+        tokens = self._tokens(kv_cache)
         slots = slot_mapping[: key.shape[0]].long()
         keep = slots >= 0  # padded tokens carry slot -1
         if not bool(keep.all()):
             slots, key, value = slots[keep], key[: keep.shape[0]][keep], value[: keep.shape[0]][keep]
-        blocks, offsets = slots // block_size, slots % block_size
-        key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
-        value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
+        tokens[slots, 0] = key.to(tokens.dtype)
+        tokens[slots, 1] = value.to(tokens.dtype)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:  # fmt: skip
@@ -100,46 +107,66 @@ class MarginGateAttentionImpl(CPUAttentionBackendImpl):
             return output
         if not attn_metadata.causal or attn_metadata.dynamic_causal is not None:
             _refuse("non-causal attention")
-        key_cache, value_cache, block_size = self._split(kv_cache)
-        starts = attn_metadata.query_start_loc.tolist()
-        seq_lens = attn_metadata.seq_lens.tolist()
-        tokens = attn_metadata.num_actual_tokens
-        out = output[:tokens].view(tokens, self.num_heads, self.head_size)
+        tokens = self._tokens(kv_cache)
+        plan = _plan(attn_metadata, kv_cache.shape[2])
+        n = attn_metadata.num_actual_tokens
+        out = output[:n].view(n, self.num_heads, self.head_size)
         window = self.sliding_window if self.sliding_window > 0 else None
-        block_table = attn_metadata.block_table
-
-        decodes = [r for r in range(len(starts) - 1) if starts[r + 1] - starts[r] == 1]
-        prefills = [r for r in range(len(starts) - 1) if starts[r + 1] - starts[r] > 1]
-        if decodes:
-            rows = torch.tensor(decodes)
-            lengths = torch.tensor([seq_lens[r] for r in decodes])
-            k, v, kv_start = self._gather(key_cache, value_cache, block_size, block_table[rows], lengths)
-            first = torch.tensor([starts[r] for r in decodes])
-            q = query[first].unsqueeze(2)  # [R, Hq, 1, D]
-            o = invariant_attention(q, k, v, kv_start, causal=True, scale=self.scale, window=window)
-            out[first] = o.squeeze(2).to(out.dtype)
-        for r in prefills:
-            lengths = torch.tensor([seq_lens[r]])
-            k, v, kv_start = self._gather(key_cache, value_cache, block_size, block_table[r : r + 1], lengths)
-            q = query[starts[r] : starts[r + 1]].transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
-            o = invariant_attention(q, k, v, None, causal=True, scale=self.scale, window=window)
-            out[starts[r] : starts[r + 1]] = o[0].transpose(0, 1).to(out.dtype)
+        for group in plan:
+            kv = tokens[group.slots]  # [R, T, 2, Hkv, D]
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [R, Hkv, T, D]
+            if group.queries is not None:  # decode rows: one query each, at their token index
+                q = query[group.queries].unsqueeze(2)  # [R, Hq, 1, D]
+                o = invariant_attention(q, k, v, group.kv_start, causal=True, scale=self.scale, window=window)
+                out[group.queries] = o.squeeze(2)
+            else:  # one prefill chunk: queries start .. stop of one request
+                q = query[group.start : group.stop].transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
+                o = invariant_attention(q, k, v, None, causal=True, scale=self.scale, window=window)
+                out[group.start : group.stop] = o[0].transpose(0, 1)
         return output
 
-    @staticmethod
-    def _gather(key_cache, value_cache, block_size, block_table, lengths):
-        """K and V ``[R, Hkv, T, D]`` of ``R`` requests, right-aligned at ``T = max(lengths)``:
-        row ``r`` holds positions ``0 .. lengths[r] - 1`` at ``T - lengths[r] ..``; ``kv_start`` is
-        ``T - lengths`` (left padding, which margingate.attention ignores)."""
-        longest = int(lengths.max())
-        kv_start = longest - lengths
-        position = torch.arange(longest).unsqueeze(0) - kv_start.unsqueeze(1)  # [R, T]
-        position = position.clamp_(min=0)
-        blocks = torch.gather(block_table.long(), 1, position // block_size)
-        offsets = position % block_size
-        k = key_cache[blocks, :, offsets].transpose(1, 2)  # [R, T, Hkv, D] -> [R, Hkv, T, D]
-        v = value_cache[blocks, :, offsets].transpose(1, 2)
-        return k, v, kv_start
+
+class _Group:
+    """One ``margingate.attention`` call: the cache slots of its rows' keys ``[R, T]`` (row ``r``
+    right-aligned: positions ``0 .. len_r - 1`` at ``T - len_r ..``, the padding pointing at the
+    row's first slot), ``kv_start = T - len`` (the left padding the kernel skips), and the query
+    token indices (decode rows) or the ``start:stop`` range of one prefill chunk."""
+
+    __slots__ = ("slots", "kv_start", "queries", "start", "stop")
+
+    def __init__(self, slots, kv_start=None, queries=None, start=0, stop=0) -> None:
+        self.slots, self.kv_start, self.queries, self.start, self.stop = slots, kv_start, queries, start, stop
+
+
+def _plan(attn_metadata, block_size: int) -> list[_Group]:
+    """The step's calls, computed once per metadata object (every layer of the step shares it)."""
+    plan = getattr(attn_metadata, "_margingate_plan", None)
+    if plan is not None and plan[0] == block_size:
+        return plan[1]
+    starts = attn_metadata.query_start_loc.tolist()
+    seq_lens = attn_metadata.seq_lens.tolist()
+    block_table = attn_metadata.block_table
+    requests = range(len(starts) - 1)
+    decodes = [r for r in requests if starts[r + 1] - starts[r] == 1]
+    groups = []
+    if decodes:
+        lengths = torch.tensor([seq_lens[r] for r in decodes])
+        slots, kv_start = _slots(block_table[torch.tensor(decodes)], lengths, block_size)
+        groups.append(_Group(slots, kv_start, queries=torch.tensor([starts[r] for r in decodes])))
+    for r in requests:
+        if starts[r + 1] - starts[r] > 1:
+            slots, _ = _slots(block_table[r : r + 1], torch.tensor([seq_lens[r]]), block_size)
+            groups.append(_Group(slots, start=starts[r], stop=starts[r + 1]))
+    attn_metadata._margingate_plan = (block_size, groups)
+    return groups
+
+
+def _slots(block_table: torch.Tensor, lengths: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = int(lengths.max())
+    kv_start = longest - lengths
+    position = (torch.arange(longest).unsqueeze(0) - kv_start.unsqueeze(1)).clamp_(min=0)  # [R, T]
+    blocks = torch.gather(block_table.long(), 1, position // block_size)
+    return blocks * block_size + position % block_size, kv_start
 
 
 def install() -> None:

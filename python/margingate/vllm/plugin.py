@@ -8,6 +8,8 @@ point or, where vLLM has none, a single named function (tested on ``SUPPORTED_VL
   ``linear.py``;
 - ``vllm.v1.attention.backends.registry.register_backend`` (public): the ``CPU_ATTN`` backend
   (the only one vLLM's CPU platform selects for a decoder) is overridden, see ``attention.py``;
+- ``GeluAndMul`` / ``SiluAndMul`` (``vllm.model_executor.layers.activation``): their CPU forward
+  replaced, see ``activations.py``;
 - ``CpuPlatform.check_and_update_config`` (runs where vLLM builds its config, before any engine
   process starts): wrapped to refuse unsupported model features with one line, and to append the
   margingate logits processor (``sampler.py``) to ``model_config.logits_processors``, vLLM's own
@@ -60,8 +62,9 @@ def register() -> None:
     global _registered
     if not enabled() or _registered:
         return
-    import vllm
     from vllm.platforms import current_platform
+
+    import vllm
 
     check_version(vllm.__version__)
     if not current_platform.is_cpu():
@@ -69,9 +72,10 @@ def register() -> None:
             f"margingate: the invariant plugin supports vLLM's CPU platform only, this is "
             f"{current_platform.device_name!r}; unset {ENV} to run vLLM without it"
         )
-    from . import attention, linear
+    from . import activations, attention, linear
 
     linear.install()
+    activations.install()
     attention.install()
     _wrap_config_check(type(current_platform))
     _registered = True

@@ -32,8 +32,9 @@ import json
 import os
 
 import torch
-from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from vllm import SamplingParams
 
 from ..ops import sample_margin
 

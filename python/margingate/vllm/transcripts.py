@@ -7,19 +7,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..audit import Transcript
+from ..transcripts import Transcript
 
 
 def transcripts_from_outputs(
     outputs: Sequence[Any], sampling_params: Any | Sequence[Any], *, provider: str | None = "vllm"
 ) -> list[Transcript]:
-    """One ``margingate.audit.Transcript`` per vLLM ``RequestOutput`` (its first completion).
+    """One ``margingate.transcripts.Transcript`` per vLLM ``RequestOutput`` (its first completion).
 
     ``sampling_params``: the ``SamplingParams`` the requests were made with, one for all or one
     per output (vLLM's outputs do not carry them). A T > 0 request must have a seed (margingate's
     noise is keyed by it; an unseeded vLLM sample cannot be re-scored) and no top_p. The
     transcript's id is the request id; score them with ``margingate.audit(model, transcripts)`` or
-    write them with ``margingate.audit.write_transcripts`` for ``margingate audit``."""
+    write them with ``margingate.transcripts.write_transcripts`` for ``margingate audit``."""
     if not isinstance(sampling_params, Sequence):
         sampling_params = [sampling_params] * len(outputs)
     if len(sampling_params) != len(outputs):
