@@ -90,6 +90,36 @@ def test_stats_keys_and_values_are_pinned(case):
         assert isinstance(r["ttft"], float) and r["ttft"] > 0
 
 
+def test_processor_stats_keys_in_a_plain_generate():
+    """``MarginGateProcessor.stats()`` inside ``model.generate`` (no decode loop, so no clock): the
+    totals without ``prefill``/``sampling``, the rows without ``final_delays``/``ttft``."""
+    from transformers import DynamicCache
+
+    from margingate.batching import left_pad
+    from margingate.hf_compat import cache_keyword
+    from margingate.processor import MarginGateProcessor
+
+    if not _model:
+        _model.append(build_model("llama", torch.bfloat16))
+    model = _model[0]
+    ids, mask = left_pad(prompts()[:3], 0)
+    cache = DynamicCache()
+    proc = MarginGateProcessor(model, cache, policy="margin", threshold=0.5, attention_mask=mask)
+    model.generate(
+        ids, attention_mask=mask, logits_processor=[proc], do_sample=False, max_new_tokens=4, pad_token_id=0,
+        **{cache_keyword(model): cache},
+    )
+    s = proc.stats()
+    assert sorted(s) == ["per_row", "policy", "repair_margins", "repairs", "replayed_positions", "seconds", "steps",
+                         "stream", "threshold", "trigger_rate", "triggered", "verified"]  # fmt: skip
+    assert sorted(s["stream"]) == EXPECTED["off"]["stream_keys"]
+    for row in s["per_row"]:
+        assert list(row) == ["steps", "verified", "triggered", "repairs", "replayed_positions", "repair_steps",
+                             "repair_margins", "trigger_rate"]  # fmt: skip
+    assert s["steps"] == sum(r["steps"] for r in s["per_row"]) == 12 and s["policy"] == "margin"
+    assert s["seconds"] == 0.0 and all(math.isnan(v) for v in s["stream"].values())
+
+
 EXPECTED: dict = {
     'off': {
         'keys': ['per_row', 'policy', 'prefill', 'repair_margins', 'repairs', 'replayed_positions', 'sampling', 'seconds', 'steps', 'stream', 'threshold', 'trigger_rate', 'triggered', 'verified'],

@@ -9,7 +9,8 @@ One decode step of a left-padded batch, top to bottom (``decode_gated``: ``off``
 2. gate: ``MarginGateProcessor`` (``processor.py``) computes every row's top-1/top-2 margin with
    the fused kernel and sends the rows below the threshold to the ``Verifier`` (``verifier.py``),
    which replays them canonically and repairs their K/V columns in place;
-3. the token is the argmax of the (partly verified) scores; finished rows get the pad id;
+3. the token is the argmax of the (partly verified) scores (``MarginGateProcessor.decide`` returns
+   both); finished rows get the pad id;
 4. the next forward runs the new tokens on the fast path (under ``invariant``: canonically).
 
 ``window`` (LLM-42's scheme on our verifier, ``decode_window``) decodes on the fast path and every
@@ -38,12 +39,13 @@ from typing import Any
 import torch
 
 from . import hf_compat
-from .batching import encode_prompts, left_pad
-from .decoding import BatchJob, Clock, Outcome, cut_at_eos, forward_last
+from .batching import encode_prompts
+from .decoding import Batch, BatchJob, Outcome
 from .policies import POLICIES, check_policy, check_threshold
-from .processor import MarginGateProcessor, summarize
-from .sampling import Sampling, check_seeds, choose
-from .speculative import as_drafter, check_speculative, decode_speculative, summarize_speculative
+from .processor import MarginGateProcessor
+from .sampling import Sampling, check_seeds
+from .speculative import as_drafter, check_speculative, decode_speculative
+from .stats import RowStats, summarize
 from .verifier import Verifier
 
 DEFAULT_WINDOW = 64  # LLM-42's default window
@@ -152,14 +154,7 @@ def generate(
     Every argument is checked before anything runs; a bad one raises ``ValueError`` or
     ``TypeError`` and leaves the model as it was.
     """
-    for key, value in list(unsupported.items()):
-        if key in _REFUSED:
-            if _harmless(key, value):
-                del unsupported[key]  # greedy, one beam, one sequence: what this loop does anyway
-                continue
-            raise ValueError(f"{_WHERE}: {key}={value!r}: {_REFUSED[key]}")
-    if unsupported:
-        raise TypeError(f"{_WHERE}: unexpected keyword argument(s) {', '.join(sorted(unsupported))}")
+    _refuse(unsupported)
     check_policy(policy, _WHERE)
     check_threshold(threshold, _WHERE)
     hf_compat.check_supported(model, _WHERE)
@@ -170,12 +165,49 @@ def generate(
     spec_drafter = as_drafter(drafter, model) if speculative is not None else None
     if drafter is not None and speculative is None:
         raise ValueError(f"{_WHERE}: drafter needs speculative=k")
-    put = _streamer_put(streamer)
+    _streamer_put(streamer)  # checked here, used by _decode_batches
     sampling = Sampling.checked(temperature, top_k, min_p, top_p, _WHERE)
     if speculative is not None and not sampling.greedy:
         raise ValueError(f"{_WHERE}: speculative decoding is greedy only here; use temperature=0 or speculative=None")
     encoded = encode_prompts(prompts, tokenizer, hf_compat.vocab_size(model), _WHERE)
     seeds = check_seeds(seed, len(encoded), _WHERE)
+    eos, pad_id = _eos_and_pad(model, tokenizer, eos_token_id, stop_at_eos, pad_token_id)
+
+    decode = decode_window if policy == "window" else decode_gated
+    if speculative is not None:
+        decode = functools.partial(decode_speculative, k=speculative, mars_threshold=mars_threshold, drafter=spec_drafter)
+    template = BatchJob(
+        [], policy, threshold, window, max_new_tokens, eos, pad_id, sampling, [], record_margins=record_margins
+    )
+    result, rows, threshold_used, seconds, counters = _decode_batches(
+        model, decode, template, encoded, seeds, batch_size or len(encoded), streamer=streamer, progress=progress
+    )
+    run = {
+        "prefill": "fast" if policy == "off" else "canonical",
+        "sampling": dataclasses.asdict(sampling),
+        "window": window if policy == "window" else None,
+        "speculative": speculative,
+        "mars_threshold": mars_threshold,
+    }
+    result.stats = summarize(rows, policy=policy, threshold=threshold_used, seconds=seconds, run=run, counters=counters)
+    return result
+
+
+def _refuse(unsupported: dict[str, Any]) -> None:
+    """Raises for a transformers generate argument this loop does not implement; drops (in place)
+    those that ask for what it does anyway (greedy, one beam, one sequence)."""
+    for key, value in list(unsupported.items()):
+        if key in _REFUSED:
+            if _harmless(key, value):
+                del unsupported[key]
+                continue
+            raise ValueError(f"{_WHERE}: {key}={value!r}: {_REFUSED[key]}")
+    if unsupported:
+        raise TypeError(f"{_WHERE}: unexpected keyword argument(s) {', '.join(sorted(unsupported))}")
+
+
+def _eos_and_pad(model, tokenizer, eos_token_id, stop_at_eos: bool, pad_token_id) -> tuple[list[int], int]:
+    """The EOS ids (none when not stopping at EOS) and the checked pad id."""
     eos = hf_compat.as_token_ids(eos_token_id) if eos_token_id is not None else hf_compat.eos_ids(model, tokenizer)
     if not stop_at_eos:
         eos = []
@@ -187,37 +219,32 @@ def generate(
         raise ValueError(
             f"{_WHERE}: pad_token_id {pad_token_id} is outside the model's vocabulary [0, {hf_compat.vocab_size(model)})"
         )
+    return eos, int(pad_token_id)
 
-    size = batch_size or len(encoded)
+
+def _decode_batches(model, decode, template: BatchJob, encoded, seeds, size: int, *, streamer, progress: bool):
+    """Decodes the prompts in batches of ``size`` with ``decode``, each a copy of ``template`` with
+    its prompts, seeds and streamer (``streamer.end()``, if any, called however it ends); returns the ``GenerationResult`` (stats still to come), the
+    rows' statistics in prompt order, the threshold used, the loops' wall time and their summed
+    counters."""
+    put = _streamer_put(streamer)
     chunks = [list(range(i, min(i + size, len(encoded)))) for i in range(0, len(encoded), size)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(chunks) * max_new_tokens, desc=f"generate[{policy}]", unit="step", leave=False)
-
-    sequences: list[list[int]] = [[] for _ in encoded]
-    per_row: list[dict[str, Any]] = [{} for _ in encoded]
-    margins: list[list[float]] | None = [[] for _ in encoded] if record_margins else None
-    seconds, threshold_used = 0.0, 0.0
-    extras: dict[str, int] = {}
-    decode = decode_window if policy == "window" else decode_gated
-    if speculative is not None:
-        decode = functools.partial(decode_speculative, k=speculative, mars_threshold=mars_threshold, drafter=spec_drafter)
+        total = len(chunks) * template.max_new_tokens
+        bar = tqdm(total=total, desc=f"generate[{template.policy}]", unit="step", leave=False)
+    result = GenerationResult([[] for _ in encoded], {}, [[] for _ in encoded] if template.record_margins else None)
+    rows: list[RowStats] = [RowStats() for _ in encoded]
+    seconds, threshold_used, counters = 0.0, 0.0, {}
     try:
         for chunk in chunks:
             t0 = time.perf_counter()
-            job = BatchJob(
+            job = dataclasses.replace(
+                template,
                 prompts=[encoded[i] for i in chunk],
-                policy=policy,
-                threshold=threshold,
-                window=window,
-                max_new_tokens=max_new_tokens,
-                eos=eos,
-                pad_id=int(pad_token_id),
-                sampling=sampling,
                 seeds=[seeds[i] for i in chunk],
-                record_margins=record_margins,
                 put=None if put is None else (lambda r, tokens, chunk=chunk: put(chunk[r], tokens)),
                 bar=bar,
             )
@@ -225,26 +252,18 @@ def generate(
             seconds += time.perf_counter() - t0
             threshold_used = out.threshold
             for key, value in out.extras.items():
-                extras[key] = extras.get(key, 0) + value
+                counters[key] = counters.get(key, 0) + value
             for r, i in enumerate(chunk):
-                sequences[i] = out.tokens[r]
-                per_row[i] = out.rows[r]
-                if margins is not None:
-                    margins[i] = out.margins[r][: len(out.tokens[r])]
+                result.sequences[i] = out.tokens[r]
+                rows[i] = out.rows[r]
+                if result.margins is not None:
+                    result.margins[i] = out.margins[r][: len(out.tokens[r])]
     finally:
         if bar is not None:
             bar.close()
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
-    totals = summarize(per_row, policy=policy, threshold=threshold_used, seconds=seconds)
-    totals["prefill"] = "fast" if policy == "off" else "canonical"
-    totals["sampling"] = dataclasses.asdict(sampling)
-    if policy == "window":
-        rolled = sum(r["rolled_back"] for r in per_row)
-        totals.update(window=window, rolled_back=rolled, rollback_rate=rolled / (rolled + totals["steps"] or 1), **extras)
-    if speculative is not None:
-        totals.update(summarize_speculative(per_row, extras["verify_passes"], speculative, mars_threshold))
-    return GenerationResult(sequences=sequences, stats=totals, margins=margins)
+    return result, rows, threshold_used, seconds, counters
 
 
 def _streamer_put(streamer: Any):
@@ -261,51 +280,42 @@ def _streamer_put(streamer: Any):
 def decode_gated(model: torch.nn.Module, job: BatchJob) -> Outcome:
     """One left-padded batch under a per-step policy (``off``, ``margin``, ``always``, ``invariant``):
     every token is final at its own step."""
-    device = next(model.parameters()).device
-    ids, mask = left_pad(job.prompts, job.pad_id, device)
-    batch, prompt_length = ids.shape
-    cache = hf_compat.new_cache()
+    batch = Batch(model, job)
     canonical_prefill = job.policy != "off"
     everything_canonical = job.policy == "invariant"
     proc = MarginGateProcessor(
         model,
-        cache,
+        batch.cache,
         policy="off" if everything_canonical else job.policy,
         threshold=job.threshold,
-        attention_mask=mask,
-        canonical_upto=prompt_length if canonical_prefill else 0,
+        attention_mask=batch.mask,
+        canonical_upto=batch.prompt_length if canonical_prefill else 0,
         eos_token_id=job.eos,
         record_margins=job.record_margins,
         sampling=job.sampling,
         seeds=job.seeds,
     )
-    eos_ids = torch.tensor(job.eos, dtype=torch.long, device=device)
-    eos_set = set(job.eos)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    clock = Clock(batch, job.put)
+    pad = torch.full((batch.size,), job.pad_id, dtype=torch.long)
     with torch.inference_mode():
-        logits = forward_last(model, ids, mask, cache, canonical=canonical_prefill)
+        logits = batch.forward_last(batch.ids, canonical=canonical_prefill)
         for step in range(job.max_new_tokens):
             produced = time.perf_counter()
-            proc(ids, logits)
-            token = proc.last_tokens.to(device)
-            token = torch.where(finished, torch.full_like(token, job.pad_id), token)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
-            for r, (t, done) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
-                if not done:
-                    clock.final(r, [t], [produced])
-            finished |= torch.isin(token, eos_ids)
+            token, _ = proc.decide(batch.ids, logits)
+            finished = [batch.done(b) for b in range(batch.size)]
+            token = torch.where(torch.tensor(finished), pad, token.cpu())
+            batch.append(token)
+            for b, t in enumerate(token.tolist()):
+                if not finished[b]:
+                    batch.commit(b, [t], [produced], advance=False)
             job.advance()
-            if step == job.max_new_tokens - 1 or bool(finished.all()):
+            if step == job.max_new_tokens - 1 or batch.all_done():
                 job.advance(job.max_new_tokens - 1 - step)
                 break
-            logits = forward_last(model, token[:, None], mask, cache, canonical=everything_canonical)
-    tokens = [cut_at_eos(row, eos_set) for row in ids[:, prompt_length:].cpu().tolist()]
-    stats = proc.stats()["per_row"]
-    rows = [{**stats[r], **clock.row_stats(r)} for r in range(batch)]
-    margins = [[float(m[r]) for m in proc.margins] for r in range(batch)]
-    return Outcome(tokens, rows, margins, proc.threshold, {})
+            logits = batch.forward_last(batch.ids[:, -1:], canonical=everything_canonical)
+    for b, record in enumerate(proc.row_stats()):
+        batch.stats[b] = record
+    margins = [[float(m[r]) for m in proc.margins] for r in range(batch.size)]
+    return batch.finish(proc.threshold, margins=margins)
 
 
 def decode_window(model: torch.nn.Module, job: BatchJob) -> Outcome:
@@ -314,146 +324,142 @@ def decode_window(model: torch.nn.Module, job: BatchJob) -> Outcome:
     first mismatch, take the verifier's token there, roll the rest back and decode it again.
 
     Invariant at the top of the loop: ``ids`` holds L tokens and the cache L - 1 positions (the
-    last token is not yet forwarded). Positions below ``final_len[b]`` are final for row ``b``."""
-    device = next(model.parameters()).device
-    ids, mask = left_pad(job.prompts, job.pad_id, device)
-    batch, prompt_length = ids.shape
-    limit = prompt_length + job.max_new_tokens
-    eos_set = set(job.eos)
-    cache = hf_compat.new_cache()
-    verifier = Verifier(model, cache, batch, canonical_upto=prompt_length)
-    clock = Clock(batch, job.put)
-    committed: list[list[int]] = [[] for _ in range(batch)]
-    produced_at: list[list[float]] = [[] for _ in range(batch)]  # per tentative token of each row
-    margins: list[list[float]] = [[] for _ in range(batch)]
-    rows_stats = [
-        {"steps": 0, "verified": 0, "repairs": 0, "repair_steps": [], "repair_margins": [], "rolled_back": 0}
-        for _ in range(batch)
-    ]
-    extras = {"verify_passes": 0, "redecoded_steps": 0}
-
-    def done(b: int) -> bool:  # final: the row's committed tokens end in EOS or fill the budget
-        c = committed[b]
-        return len(c) >= job.max_new_tokens or (bool(c) and c[-1] in eos_set)
-
-    def tentative_end(b: int, length: int) -> int:  # one past the row's last real token
-        for p in range(prompt_length + len(committed[b]), length):
-            if int(ids_list[b][p]) in eos_set:
-                return p + 1
-        return length
-
-    def append(token: torch.Tensor) -> None:
-        nonlocal ids, mask
-        ids = torch.cat([ids, token[:, None].to(device)], dim=1)
-        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
-
-    def commit(b: int, tokens: list[int], produced: list[float]) -> None:
-        committed[b] += tokens
-        clock.final(b, tokens, produced)
-        job.advance(len(tokens))
-
-    seeds_t = torch.tensor(job.seeds, dtype=torch.long)
-
-    def pick(logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        token, gate = choose(logits, job.sampling, None if job.sampling.greedy else seeds_t[rows], positions)
-        return token.cpu(), gate.cpu()
-
-    all_rows = torch.arange(batch)
+    last token is not yet forwarded). Positions below ``prompt_length + len(committed[b])`` are
+    final for row ``b``."""
+    batch = Batch(model, job)
+    loop = _WindowLoop(batch, Verifier(model, batch.cache, batch.size, canonical_upto=batch.prompt_length))
     with torch.inference_mode():
-        logits = forward_last(model, ids, mask, cache, canonical=True)
-        first, first_margin = pick(logits, mask.sum(dim=1), all_rows)
-        for b in range(batch):
-            commit(b, [int(first[b])], [time.perf_counter()])
-            margins[b].append(float(first_margin[b]))
-        append(first)
-        last_check = ids.shape[1]
-        while not all(done(b) for b in range(batch)):
-            length = ids.shape[1]
-            ids_list = ids.cpu().tolist()
-            stopped = all(done(b) or tentative_end(b, length) < length or length >= limit for b in range(batch))
+        logits = batch.forward_last(batch.ids, canonical=True)
+        first, first_margin = batch.pick(logits, batch.mask.sum(dim=1), torch.arange(batch.size))
+        for b in range(batch.size):
+            batch.commit(b, [int(first[b])], [time.perf_counter()])
+            batch.margins[b].append(float(first_margin[b]))
+        batch.append(first)
+        last_check = batch.ids.shape[1]
+        while not batch.all_done():
+            length = batch.ids.shape[1]
+            ids = batch.ids.cpu().tolist()
+            ends = [_tentative_end(ids[b], batch.prompt_length + len(batch.committed[b]), batch.eos) for b in range(batch.size)]
+            stopped = all(batch.done(b) or ends[b] < length or length >= loop.limit for b in range(batch.size))
             if length - last_check >= job.window or stopped:
-                # -- the check: one canonical pass over every row's unverified positions
-                hf_compat.extend(cache, 1)  # room for the last token, which the replay computes
-                rows = [b for b in range(batch) if not done(b)]
-                rows_t = torch.tensor(rows, dtype=torch.long)
-                start = int(verifier.canonical_upto[rows_t].min())
-                replayed = verifier.replay_(ids, mask, rows_t, start)  # [R, length - start, V]
-                # position of the token each replayed logit row chooses: real tokens before it
-                positions = mask.index_select(0, rows_t.to(device)).cumsum(dim=1)[:, start:]
-                span = replayed.shape[1]
-                predicted = pick(
-                    replayed.reshape(-1, replayed.shape[-1]), positions.reshape(-1), rows_t.repeat_interleave(span)
-                )[0].view(len(rows), span).tolist()
-                extras["verify_passes"] += 1
-                cut, following = length, {}
-                for i, b in enumerate(rows):
-                    first_open = prompt_length + len(committed[b])
-                    end = tentative_end(b, length)
-                    tokens, produced = [], []
-                    mismatch = None
-                    for p in range(first_open, end):
-                        want = predicted[i][p - 1 - start]
-                        if want != ids_list[b][p]:
-                            mismatch = p
-                            tokens.append(want)
-                            produced.append(time.perf_counter())
-                            rows_stats[b]["repairs"] += 1
-                            rows_stats[b]["repair_steps"].append(p - prompt_length)
-                            step = p - prompt_length
-                            rows_stats[b]["repair_margins"].append(margins[b][step] if step < len(margins[b]) else float("nan"))
-                            rows_stats[b]["rolled_back"] += end - p
-                            break
-                        tokens.append(want)
-                        produced.append(produced_at[b][p - first_open])
-                    commit(b, tokens, produced)
-                    produced_at[b] = []
-                    # fast margins of the committed steps (a corrected token keeps its step's margin)
-                    margins[b] = (margins[b] + [float("nan")] * len(committed[b]))[: len(committed[b])]
-                    if mismatch is not None:
-                        cut = min(cut, mismatch)
-                    elif end == length and not done(b):
-                        following[b] = predicted[i][length - 1 - start]  # the verifier's next token
-                if cut < length:  # roll back: every row re-feeds its committed tokens from `cut`
-                    verifier.rollback_(cut)
-                    ids, mask = ids[:, :cut], mask[:, :cut]
-                    token = torch.tensor([_forced(committed[b], cut - prompt_length, job.pad_id) for b in range(batch)])
-                    append(token)
-                    extras["redecoded_steps"] += 1
-                else:  # every checked row matched: the verifier's next token is final
-                    token = torch.full((batch,), job.pad_id, dtype=torch.long)
-                    for b, t in following.items():
-                        if len(committed[b]) < job.max_new_tokens:
-                            commit(b, [t], [time.perf_counter()])
-                            margins[b].append(float("nan"))  # decided by the verifier: no fast step
-                            token[b] = t
-                    append(token)
-                last_check = ids.shape[1]
-                continue
-            # -- a fast step: forward the last token, choose the next (forced where already final)
-            logits = forward_last(model, ids[:, -1:], mask, cache, canonical=False)
-            produced = time.perf_counter()
-            fast, fast_margin = pick(logits, mask.sum(dim=1), all_rows)
-            position = length - prompt_length
-            token = torch.full((batch,), job.pad_id, dtype=torch.long)
-            forced_any = False
-            for b in range(batch):
-                if position < len(committed[b]):
-                    token[b] = committed[b][position]
-                    forced_any = True
-                elif not done(b) and tentative_end(b, length) == length and length < limit:
-                    token[b] = fast[b]
-                    produced_at[b].append(produced)
-                    if len(margins[b]) == position:
-                        margins[b].append(float(fast_margin[b]))
-            extras["redecoded_steps"] += int(forced_any)
-            append(token)
-    for b in range(batch):
+                loop.check(ids, ends)
+                last_check = batch.ids.shape[1]
+            else:
+                loop.fast_step(ends)
+    for b, record in enumerate(batch.stats):
         # every committed token was checked by (or taken from) the canonical forward
-        rows_stats[b]["steps"] = rows_stats[b]["verified"] = len(committed[b])
-        rows_stats[b]["replayed_positions"] = int(verifier.replayed[b])
-    rows = [{**rows_stats[b], **clock.row_stats(b)} for b in range(batch)]
-    tokens = [cut_at_eos(c, eos_set) for c in committed]
-    return Outcome(tokens, rows, margins if job.record_margins else [[] for _ in range(batch)], 0.0, extras)
+        record.steps = record.verified = len(batch.committed[b])
+        record.replayed_positions = int(loop.verifier.replayed[b])
+    return batch.finish(0.0, loop.extras)
+
+
+class _WindowLoop:
+    """The two moves of ``decode_window``: a fast step, and the check of every row's tentative
+    tokens (commit, repair, roll back). ``produced_at[b]``: when each tentative token of row ``b``
+    was produced."""
+
+    def __init__(self, batch: Batch, verifier: Verifier) -> None:
+        self.batch, self.verifier = batch, verifier
+        self.limit = batch.prompt_length + batch.job.max_new_tokens
+        self.produced_at: list[list[float]] = [[] for _ in range(batch.size)]
+        self.extras = {"verify_passes": 0, "redecoded_steps": 0}
+        for record in batch.stats:
+            record.rolled_back = 0
+
+    def fast_step(self, ends: list[int]) -> None:
+        """Forward the last token, choose the next (forced where already final)."""
+        batch = self.batch
+        length = batch.ids.shape[1]
+        logits = batch.forward_last(batch.ids[:, -1:], canonical=False)
+        produced = time.perf_counter()
+        fast, fast_margin = batch.pick(logits, batch.mask.sum(dim=1), torch.arange(batch.size))
+        position = length - batch.prompt_length
+        token = torch.full((batch.size,), batch.job.pad_id, dtype=torch.long)
+        forced_any = False
+        for b in range(batch.size):
+            if position < len(batch.committed[b]):
+                token[b] = batch.committed[b][position]
+                forced_any = True
+            elif not batch.done(b) and ends[b] == length and length < self.limit:
+                token[b] = fast[b]
+                self.produced_at[b].append(produced)
+                if len(batch.margins[b]) == position:
+                    batch.margins[b].append(float(fast_margin[b]))
+        self.extras["redecoded_steps"] += int(forced_any)
+        batch.append(token)
+
+    def check(self, ids: list[list[int]], ends: list[int]) -> None:
+        """One canonical pass over every row's unverified positions; each row commits up to its
+        first mismatch (the verifier's token there); then roll back to the earliest mismatch, or,
+        when every row matched, commit the verifier's next token."""
+        batch, verifier = self.batch, self.verifier
+        length = batch.ids.shape[1]
+        hf_compat.extend(batch.cache, 1)  # room for the last token, which the replay computes
+        rows = [b for b in range(batch.size) if not batch.done(b)]
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        start = int(verifier.canonical_upto[rows_t].min())
+        replayed = verifier.replay_(batch.ids, batch.mask, rows_t, start)  # [R, length - start, V]
+        # position of the token each replayed logit row chooses: real tokens before it
+        positions = batch.mask.index_select(0, rows_t.to(batch.device)).cumsum(dim=1)[:, start:]
+        span = replayed.shape[1]
+        predicted = batch.pick(
+            replayed.reshape(-1, replayed.shape[-1]), positions.reshape(-1), rows_t.repeat_interleave(span)
+        )[0].view(len(rows), span).tolist()
+        self.extras["verify_passes"] += 1
+        cut, following = length, {}
+        for i, b in enumerate(rows):
+            mismatch = self._commit_row(b, predicted[i][ends[b] - 1 - start :: -1][::-1], start, ids[b], ends[b])
+            if mismatch is not None:
+                cut = min(cut, mismatch)
+            elif ends[b] == length and not batch.done(b):
+                following[b] = predicted[i][length - 1 - start]  # the verifier's next token
+        if cut < length:  # roll back: every row re-feeds its committed tokens from `cut`
+            verifier.rollback_(cut)
+            batch.ids, batch.mask = batch.ids[:, :cut], batch.mask[:, :cut]
+            position = cut - batch.prompt_length
+            batch.append(torch.tensor([_forced(c, position, batch.job.pad_id) for c in batch.committed]))
+            self.extras["redecoded_steps"] += 1
+            return
+        token = torch.full((batch.size,), batch.job.pad_id, dtype=torch.long)
+        for b, t in following.items():  # every checked row matched: the verifier's next token is final
+            if len(batch.committed[b]) < batch.job.max_new_tokens:
+                batch.commit(b, [t], [time.perf_counter()])
+                batch.margins[b].append(float("nan"))  # decided by the verifier: no fast step
+                token[b] = t
+        batch.append(token)
+
+    def _commit_row(self, b: int, predicted: list[int], start: int, ids: list[int], end: int) -> int | None:
+        """Commits row ``b``'s tentative tokens up to ``end`` as the canonical forward predicted them
+        (``predicted[j]``: its token after position ``start + j``), the first mismatch replaced by
+        the prediction; returns that mismatch's position, or None."""
+        batch = self.batch
+        record, margins = batch.stats[b], batch.margins[b]
+        first_open = batch.prompt_length + len(batch.committed[b])
+        tokens, produced, mismatch = [], [], None
+        for p in range(first_open, end):
+            want = predicted[p - 1 - start]
+            tokens.append(want)
+            if want != ids[p]:
+                mismatch, step = p, p - batch.prompt_length
+                produced.append(time.perf_counter())
+                record.repair(step, margins[step] if step < len(margins) else float("nan"))
+                record.rolled_back += end - p
+                break
+            produced.append(self.produced_at[b][p - first_open])
+        batch.commit(b, tokens, produced)
+        self.produced_at[b] = []
+        # fast margins of the committed steps (a corrected token keeps its step's margin)
+        committed = len(batch.committed[b])
+        batch.margins[b] = (margins + [float("nan")] * committed)[:committed]
+        return mismatch
+
+
+def _tentative_end(ids: list[int], first_open: int, eos: set[int]) -> int:
+    """One past a row's last real token: its first EOS at or after ``first_open``, or the end."""
+    for p in range(first_open, len(ids)):
+        if ids[p] in eos:
+            return p + 1
+    return len(ids)
 
 
 def _forced(committed: list[int], position: int, pad_id: int) -> int:

@@ -27,6 +27,7 @@ import torch
 from .generation import DEFAULT_WINDOW, generate
 from .policies import EXACT_POLICIES
 from .sampling import prompt_seed
+from .stats import RowStats, quantile, speculative_totals
 
 QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50)
 
@@ -153,10 +154,8 @@ def compare_configs(
 
 
 def quantiles(values: Sequence[float]) -> dict[str, float]:
-    finite = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
-    if finite.numel() == 0:
-        return {f"p{round(q * 100):02d}": float("nan") for q in QUANTILES}
-    return {f"p{round(q * 100):02d}": float(torch.quantile(finite, q)) for q in QUANTILES}
+    """``QUANTILES`` of the values (NaN ignored; all NaN when none is left), named ``p01`` ...."""
+    return {f"p{round(q * 100):02d}": quantile(values, q) for q in QUANTILES}
 
 
 def implied_trigger_rate(margins: Sequence[float], threshold: float) -> float:
@@ -260,14 +259,61 @@ def _speculative_totals(stats: list[dict[str, Any]]) -> dict[str, Any]:
     """Acceptance over the configurations of a speculative entry (nothing for the others)."""
     if not any("drafted" in s for s in stats):
         return {}
-    drafted = sum(s["drafted"] for s in stats)
-    accepted = sum(s["accepted"] for s in stats)
-    passes = sum(r["passes"] for s in stats for r in s["per_row"])
+    totals = speculative_totals([RowStats.from_dict(r) for s in stats for r in s["per_row"]])
+    return {k: totals[k] for k in ("drafted", "accepted", "acceptance_rate", "tokens_per_pass")}
+
+
+def _policy_entry(
+    runs: dict[int, dict[str, Any]], batch_sizes: Sequence[int], off_seconds: float, always_ref: list | None
+) -> dict[str, Any]:
+    """One policy's entry of ``check_report`` from its run per configuration (``decode_config``)."""
+    reference = batch_sizes[0]
+    ref = runs[reference]["sequences"]
+    n = len(ref)
+    identical = sum(1 for i in range(n) if all(runs[b]["sequences"][i] == ref[i] for b in batch_sizes))
+    events: list[dict[str, Any]] = []
+    compared = 0
+    for b in batch_sizes[1:]:
+        cmp = compare_configs(
+            ref, runs[b]["sequences"], reference_margins=runs[reference]["margins"], other_margins=runs[b]["margins"],
+        )
+        compared += cmp["compared_steps"]
+        events += [{"batch_size": b, **e} for e in cmp["events"]]
+    stats = [runs[b]["stats"] for b in batch_sizes]
+    steps = sum(s["steps"] for s in stats)
+    triggered = sum(s["triggered"] for s in stats)
+    seconds = sum(runs[b]["seconds"] for b in batch_sizes)
+    tokens = sum(len(s) for b in batch_sizes for s in runs[b]["sequences"])
+    increment = seconds - off_seconds
     return {
-        "drafted": drafted,
-        "accepted": accepted,
-        "acceptance_rate": accepted / drafted if drafted else 0.0,
-        "tokens_per_pass": sum(s["steps"] for s in stats) / passes if passes else 0.0,
+        "identical": identical,
+        "prompts": n,
+        "deterministic": identical == n,
+        "flips": len(events),
+        "compared_steps": compared,
+        "flip_rate": len(events) / compared if compared else 0.0,
+        "divergences": events,
+        "steps": steps,
+        "verified": sum(s["verified"] for s in stats),
+        "triggered": triggered,
+        "trigger_rate": triggered / steps if steps else 0.0,
+        "repairs": sum(s["repairs"] for s in stats),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+        "latency_increment_s": increment,
+        "latency_increment_pct": 100 * increment / off_seconds if off_seconds > 0 else float("nan"),
+        "matches_always": sum(1 for i in range(n) if ref[i] == always_ref[i]) if always_ref else None,
+        "threshold": stats[0]["threshold"],
+        "prefill": stats[0]["prefill"],
+        "stream": stats[0]["stream"],
+        "rolled_back": sum(s.get("rolled_back", 0) for s in stats),
+        "verify_passes": sum(s.get("verify_passes", 0) for s in stats),
+        **_speculative_totals(stats),
+        "per_config": {
+            str(b): {k: runs[b]["stats"][k] for k in ("seconds", "steps", "verified", "repairs", "stream")}
+            for b in batch_sizes
+        },
     }
 
 
@@ -313,56 +359,9 @@ def check_report(
     reference = batch_sizes[0]
     off_seconds = sum(results["off"][b]["seconds"] for b in batch_sizes)
     always_ref = results["always"][reference]["sequences"] if "always" in results else None
-    per_policy: dict[str, dict[str, Any]] = {}
-    for policy in policies:
-        runs = results[policy]
-        ref = runs[reference]["sequences"]
-        identical = sum(1 for i in range(n) if all(runs[b]["sequences"][i] == ref[i] for b in batch_sizes))
-        events: list[dict[str, Any]] = []
-        compared = 0
-        for b in batch_sizes[1:]:
-            cmp = compare_configs(
-                ref, runs[b]["sequences"], reference_margins=runs[reference]["margins"],
-                other_margins=runs[b]["margins"],
-            )
-            compared += cmp["compared_steps"]
-            events += [{"batch_size": b, **e} for e in cmp["events"]]
-        steps = sum(runs[b]["stats"]["steps"] for b in batch_sizes)
-        verified = sum(runs[b]["stats"]["verified"] for b in batch_sizes)
-        triggered = sum(runs[b]["stats"]["triggered"] for b in batch_sizes)
-        seconds = sum(runs[b]["seconds"] for b in batch_sizes)
-        tokens = sum(len(s) for b in batch_sizes for s in runs[b]["sequences"])
-        increment = seconds - off_seconds
-        per_policy[policy] = {
-            "identical": identical,
-            "prompts": n,
-            "deterministic": identical == n,
-            "flips": len(events),
-            "compared_steps": compared,
-            "flip_rate": len(events) / compared if compared else 0.0,
-            "divergences": events,
-            "steps": steps,
-            "verified": verified,
-            "triggered": triggered,
-            "trigger_rate": triggered / steps if steps else 0.0,
-            "repairs": sum(runs[b]["stats"]["repairs"] for b in batch_sizes),
-            "tokens": tokens,
-            "seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
-            "latency_increment_s": increment,
-            "latency_increment_pct": 100 * increment / off_seconds if off_seconds > 0 else float("nan"),
-            "matches_always": sum(1 for i in range(n) if ref[i] == always_ref[i]) if always_ref else None,
-            "threshold": runs[reference]["stats"]["threshold"],
-            "prefill": runs[reference]["stats"]["prefill"],
-            "stream": runs[reference]["stats"]["stream"],
-            "rolled_back": sum(runs[b]["stats"].get("rolled_back", 0) for b in batch_sizes),
-            "verify_passes": sum(runs[b]["stats"].get("verify_passes", 0) for b in batch_sizes),
-            **_speculative_totals([runs[b]["stats"] for b in batch_sizes]),
-            "per_config": {
-                str(b): {k: runs[b]["stats"][k] for k in ("seconds", "steps", "verified", "repairs", "stream")}
-                for b in batch_sizes
-            },
-        }
+    per_policy = {
+        policy: _policy_entry(results[policy], batch_sizes, off_seconds, always_ref) for policy in policies
+    }
     ratios = {
         baseline: increment_ratio(per_policy, baseline, "margin") for baseline in ("window", "always")
     }

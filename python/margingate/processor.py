@@ -3,9 +3,9 @@
 One call is one decode step of a left-padded batch: compute every row's fast-path top-1/top-2
 margin with the fused ``margingate.margin`` kernel; rows below the threshold (all rows under
 ``always``; NaN margins always) go to the ``Verifier``, which replays them canonically and repairs
-their K/V in place; their scores are replaced by the canonical logits. ``margingate.generate``
-drives it from its own decode loop; it also works inside a plain ``model.generate`` (see the
-class docstring).
+their K/V in place; their scores are replaced by the canonical logits. ``decide`` is the step
+(every row's token and the scores); ``margingate.generate``'s decode loop calls it, and the
+logits-processor ``__call__`` wraps it for a plain ``model.generate`` (see the class docstring).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from . import hf_compat
 from .batching import check_left_padded
 from .policies import check_policy, check_threshold, default_threshold
 from .sampling import Sampling, choose
+from .stats import RowStats, summarize
 from .verifier import Verifier
 
 _NAME = "margingate.MarginGateProcessor"
@@ -111,7 +112,6 @@ class MarginGateProcessor(LogitsProcessor):
         if not self.sampling.greedy and seeds is None:
             raise ValueError(f"{_NAME}: sampling at temperature > 0 needs seeds= (one int per row)")
         self.seeds = None if seeds is None else torch.tensor(list(seeds), dtype=torch.long)
-        self.last_tokens: torch.Tensor | None = None  # [B]: the tokens of the last call
         # Per-generation state, set at the first call.
         self.verifier: Verifier | None = None
         self.prompt_length: int | None = None
@@ -129,6 +129,14 @@ class MarginGateProcessor(LogitsProcessor):
 
     # ------------------------------------------------------------------ the step
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """The step for ``model.generate``: the (partly verified) scores, or under sampling scores
+        that force the sampled token."""
+        token, scores = self.decide(input_ids, scores)
+        return self._out(scores, token)
+
+    def decide(self, input_ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One gated step: every row's token [B] and the scores with the verified rows' replaced by
+        their canonical logits (out of place: the caller may keep the raw logits tensor)."""
         self._follow(input_ids)
         batch, length = input_ids.shape
         step = length - self.prompt_length
@@ -141,19 +149,18 @@ class MarginGateProcessor(LogitsProcessor):
         # The position of the token being chosen: real tokens before it in its own row (no padding).
         positions = self._mask.sum(dim=1)
         token, fast_margin = choose(scores, self.sampling, self.seeds, positions)
-        self.last_tokens = token
         fast_margin = fast_margin.cpu()
         if self.record_margins:
             self.margins.append(torch.where(active, fast_margin, torch.nan))
         if self.policy == "off":
-            return self._out(scores, token)
+            return token, scores
 
         # Rows whose frontier covers this position were computed canonically (a canonical prefill
         # at step 0): nothing to verify. NaN margins fail `>=` and are verified.
         stale = self.verifier.canonical_upto < length
         flagged = active & stale & ~(fast_margin >= self.threshold)
         if not bool(flagged.any()):
-            return self._out(scores, token)
+            return token, scores
         # Rows whose canonical frontier is not behind the flagged rows' join the replay: it does not
         # get longer, one forward reads the weights for all of them, and their frontiers catch up,
         # so later windows stay short. (Without this, at batch 16 some row was flagged at most steps
@@ -169,7 +176,6 @@ class MarginGateProcessor(LogitsProcessor):
         verified_token, _ = choose(verified, self.sampling, seeds, positions.index_select(0, rows_dev))
         changed = (verified_token != token.index_select(0, rows_dev)).cpu()
         token = token.index_copy(0, rows_dev, verified_token)
-        self.last_tokens = token
         self.verified[rows] += 1
         self.triggered += flagged.long()
         self.verified_rows[-1] = rows.tolist()
@@ -177,8 +183,7 @@ class MarginGateProcessor(LogitsProcessor):
         self.repairs[rows[changed]] += 1
         for row in rows[changed].tolist():
             self.repair_events.append((row, step, float(fast_margin[row])))
-        # Out of place: the caller may keep the raw logits tensor.
-        return self._out(scores.index_copy(0, rows_dev, verified), token)
+        return token, scores.index_copy(0, rows_dev, verified)
 
     def _out(self, scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """Greedy: the (partly verified) scores. Sampling: scores that force the sampled token."""
@@ -220,58 +225,21 @@ class MarginGateProcessor(LogitsProcessor):
         self._last_ids = input_ids.clone()
 
     # ------------------------------------------------------------------ statistics
+    def row_stats(self) -> list[RowStats]:
+        """Each row's statistics so far (the stream figures are the decode loop's)."""
+        return [
+            RowStats(
+                steps=int(self.steps[r]),
+                verified=int(self.verified[r]),
+                triggered=int(self.triggered[r]),
+                repairs=int(self.repairs[r]),
+                replayed_positions=int(self.verifier.replayed[r]),
+                repair_steps=[s for (row, s, _) in self.repair_events if row == r],
+                repair_margins=[m for (row, _, m) in self.repair_events if row == r],
+            )
+            for r in range(self.batch_size or 0)
+        ]
+
     def stats(self) -> dict[str, Any]:
         """Totals and per-row figures of the generation so far (see ``GenerationResult``)."""
-        rows = []
-        for r in range(self.batch_size or 0):
-            rows.append(
-                {
-                    "steps": int(self.steps[r]),
-                    "verified": int(self.verified[r]),
-                    "triggered": int(self.triggered[r]),
-                    "repairs": int(self.repairs[r]),
-                    "replayed_positions": int(self.verifier.replayed[r]),
-                    "repair_steps": [s for (row, s, _) in self.repair_events if row == r],
-                    "repair_margins": [m for (row, _, m) in self.repair_events if row == r],
-                }
-            )
-        return summarize(rows, policy=self.policy, threshold=self.threshold)
-
-
-def summarize(rows: list[dict[str, Any]], *, policy: str, threshold: float, seconds: float = 0.0) -> dict[str, Any]:
-    """Totals over per-row statistics (also used to merge the batches of one ``generate`` call).
-    ``trigger_rate`` = steps the gate flagged / steps; ``verified`` also counts the rows that joined
-    a replay without being flagged (``piggyback``)."""
-    steps = sum(r["steps"] for r in rows)
-    verified = sum(r["verified"] for r in rows)
-    triggered = sum(r.get("triggered", r["verified"]) for r in rows)
-    for r in rows:
-        r["trigger_rate"] = r.get("triggered", r["verified"]) / r["steps"] if r["steps"] else 0.0
-    delays = sorted(d for r in rows for d in r.get("final_delays", ()))
-    ttft = sorted(r["ttft"] for r in rows if r.get("ttft") is not None)
-    return {
-        "policy": policy,
-        "threshold": threshold,
-        "steps": steps,
-        "verified": verified,
-        "triggered": triggered,
-        "repairs": sum(r["repairs"] for r in rows),
-        "replayed_positions": sum(r["replayed_positions"] for r in rows),
-        "trigger_rate": triggered / steps if steps else 0.0,
-        "stream": {
-            "delay_p50_s": _quantile(delays, 0.5),
-            "delay_p99_s": _quantile(delays, 0.99),
-            "ttft_p50_s": _quantile(ttft, 0.5),
-            "ttft_p99_s": _quantile(ttft, 0.99),
-        },
-        "repair_margins": [m for r in rows for m in r["repair_margins"]],
-        "per_row": rows,
-        "seconds": seconds,
-    }
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """The ``q`` quantile of sorted values (nearest rank); NaN when there are none."""
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+        return summarize(self.row_stats(), policy=self.policy, threshold=self.threshold)

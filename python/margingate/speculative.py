@@ -48,9 +48,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from . import hf_compat
-from .batching import left_pad
 from .canonical import canonical_forward
-from .decoding import BatchJob, Clock, Outcome, cut_at_eos
+from .decoding import Batch, BatchJob, Outcome
 from .ops import margin
 
 _WHERE = "margingate.generate"
@@ -215,25 +214,6 @@ def check_speculative(speculative: Any, mars_threshold: Any, policy: str) -> Non
             raise ValueError(f"{_WHERE}: mars_threshold must be >= 0 (a logit margin), got {mars_threshold}")
 
 
-def summarize_speculative(rows: list[dict[str, Any]], passes: int, k: int, mars_threshold: float | None) -> dict[str, Any]:
-    """Totals of the speculative statistics over per-row ones (``generate`` adds them to its stats)."""
-    drafted = sum(r["drafted"] for r in rows)
-    accepted = sum(r["accepted"] for r in rows)
-    steps = sum(r["steps"] for r in rows)
-    row_passes = sum(r["passes"] for r in rows)
-    return {
-        "speculative": k,
-        "mars_threshold": mars_threshold,
-        "exact": mars_threshold is None,
-        "drafted": drafted,
-        "accepted": accepted,
-        "acceptance_rate": accepted / drafted if drafted else 0.0,
-        "verify_passes": passes,
-        "tokens_per_pass": steps / row_passes if row_passes else 0.0,
-        "mars_changed": sum(r["mars_changed"] for r in rows),
-    }
-
-
 def pass_width(k: int) -> int:
     """The widest canonical pass ``decode_speculative`` runs for ``k`` drafts: the slowest row's one
     re-fed token and ``k`` drafts, plus one position of slack so that a row one token ahead still
@@ -263,99 +243,80 @@ def decode_speculative(
     drafter = as_drafter(drafter, model)
     if hasattr(drafter, "reset"):
         drafter.reset()
-    device = next(model.parameters()).device
-    ids, mask = left_pad(job.prompts, job.pad_id, device)
-    batch, prompt_length = ids.shape
-    eos_set = set(job.eos)
-    cache = hf_compat.new_cache()
-    clock = Clock(batch, job.put)
-    committed: list[list[int]] = [[] for _ in range(batch)]
-    margins: list[list[float]] = [[] for _ in range(batch)]
-    rows_stats = [
-        {"steps": 0, "verified": 0, "repairs": 0, "repair_steps": [], "repair_margins": [], "replayed_positions": 0,
-         "drafted": 0, "accepted": 0, "passes": 1, "mars_changed": 0, "mars_steps": []}
-        for _ in range(batch)
-    ]
+    batch = Batch(model, job)
+    for record in batch.stats:
+        record.drafted, record.accepted, record.passes, record.mars_changed, record.mars_steps = 0, 0, 1, 0, []
     passes = 1
-
-    def done(b: int) -> bool:
-        c = committed[b]
-        return len(c) >= job.max_new_tokens or (bool(c) and c[-1] in eos_set)
-
-    def commit(b: int, tokens: list[int], produced: float) -> None:
-        committed[b] += tokens
-        clock.final(b, tokens, [produced] * len(tokens))
-        job.advance(len(tokens))
-
     with torch.inference_mode():
-        logits = canonical_forward(model, ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
+        logits = batch.forward_last(batch.ids, canonical=True)
         top1, _, gap = margin(logits)
         now = time.perf_counter()
-        for b in range(batch):
-            commit(b, [int(top1[b])], now)
-            margins[b].append(float(gap[b]))
-            rows_stats[b]["replayed_positions"] += prompt_length
-        cached = prompt_length
-        cap = pass_width(k)
-        while not all(done(b) for b in range(batch)):
-            active = [b for b in range(batch) if not done(b)]
-            # final tokens not yet in the cache, then drafts within the row's token budget
-            heads = {b: committed[b][cached - prompt_length :] for b in active}
-            budget = {b: min(k, job.max_new_tokens - len(committed[b]) - 1) for b in active}
-            # rows whose round does not fit the pass re-feed their head only (module docstring)
-            rounds = [b for b in active if len(heads[b]) + budget[b] <= cap]
-            asked = [b for b in rounds if budget[b] > 0]
-            proposed = drafter.propose([job.prompts[b] + committed[b] for b in asked], k) if asked else []
-            if len(proposed) != len(asked):
-                raise RuntimeError(f"{_WHERE}: the drafter returned {len(proposed)} rows for {len(asked)}")
-            drafts = {b: [int(t) for t in p][: budget[b]] for b, p in zip(asked, proposed, strict=True)}
-            width = max(len(heads[b]) + len(drafts.get(b, [])) for b in active)
-            block = torch.full((batch, width), job.pad_id, dtype=torch.long)
-            for b in active:
-                row = heads[b] + drafts.get(b, [])
-                block[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask = torch.cat([mask, mask.new_ones((batch, width))], dim=1)
-            logits = canonical_forward(model, block.to(device), attention_mask=mask, cache=cache)  # [B, width, V]
+        for b in range(batch.size):
+            batch.commit(b, [int(top1[b])], [now])
+            batch.margins[b].append(float(gap[b]))
+            batch.stats[b].replayed_positions += batch.prompt_length
+        cached = batch.prompt_length
+        while not batch.all_done():
+            _speculative_round(batch, cached, k, mars_threshold, drafter)
             passes += 1
-            now = time.perf_counter()
-            for b in active:
-                if b not in rounds:  # sat out: its head was re-fed, nothing is decided
-                    rows_stats[b]["replayed_positions"] += len(heads[b])
-                    continue
-                d, h = drafts.get(b, []), len(heads[b])
-                # logits[b, h - 1 + i] decide the token after head and i drafts
-                top1, top2, gap = (t.cpu() for t in margin(logits[b, h - 1 : h + len(d)]))
-                tokens: list[int] = []
-                for i in range(len(d) + 1):
-                    want = int(top1[i])
-                    if i < len(d) and d[i] != want:
-                        relaxed = mars_threshold is not None and bool(gap[i] < mars_threshold) and d[i] == int(top2[i])
-                        if relaxed:
-                            rows_stats[b]["mars_changed"] += 1
-                            rows_stats[b]["mars_steps"].append(len(committed[b]) + len(tokens))
-                            want = d[i]
-                    tokens.append(want)
-                    margins[b].append(float(gap[i]))
-                    if want in eos_set or i == len(d) or want != d[i]:
-                        break
-                stats = rows_stats[b]
-                stats["drafted"] += len(d)
-                stats["accepted"] += sum(1 for i, t in enumerate(tokens[: len(d)]) if t == d[i])
-                stats["passes"] += 1
-                stats["replayed_positions"] += h + len(d)
-                commit(b, tokens, now)
             # crop to what every unfinished row has fed and kept (its last token is not fed yet)
-            unfinished = [b for b in range(batch) if not done(b)]
-            keep = min((prompt_length + len(committed[b]) - 1 for b in unfinished), default=cached)
-            hf_compat.crop(cache, keep)
-            mask = mask[:, :keep]
+            unfinished = [b for b in range(batch.size) if not batch.done(b)]
+            keep = min((batch.prompt_length + len(batch.committed[b]) - 1 for b in unfinished), default=cached)
+            hf_compat.crop(batch.cache, keep)
+            batch.mask = batch.mask[:, :keep]
             cached = keep
-    for b in range(batch):
-        rows_stats[b]["steps"] = rows_stats[b]["verified"] = len(committed[b])
-    rows = [{**rows_stats[b], **clock.row_stats(b)} for b in range(batch)]
-    tokens = [cut_at_eos(c, eos_set) for c in committed]
-    out_margins = [m[: len(t)] for m, t in zip(margins, tokens, strict=True)] if job.record_margins else [[] for _ in range(batch)]
-    return Outcome(tokens, rows, out_margins, 0.0, {"verify_passes": passes})
+    for b, record in enumerate(batch.stats):
+        record.steps = record.verified = len(batch.committed[b])
+    return batch.finish(0.0, {"verify_passes": passes})
+
+
+def _speculative_round(batch: Batch, cached: int, k: int, mars_threshold: float | None, drafter: Any) -> None:
+    """One round: drafts for the rows whose round fits the pass, one canonical pass over every
+    unfinished row's head and drafts, and each taking row's accepted tokens committed."""
+    job = batch.job
+    active = [b for b in range(batch.size) if not batch.done(b)]
+    # final tokens not yet in the cache, then drafts within the row's token budget
+    heads = {b: batch.committed[b][cached - batch.prompt_length :] for b in active}
+    budget = {b: min(k, job.max_new_tokens - len(batch.committed[b]) - 1) for b in active}
+    # rows whose round does not fit the pass re-feed their head only (module docstring)
+    rounds = [b for b in active if len(heads[b]) + budget[b] <= pass_width(k)]
+    asked = [b for b in rounds if budget[b] > 0]
+    proposed = drafter.propose([job.prompts[b] + batch.committed[b] for b in asked], k) if asked else []
+    if len(proposed) != len(asked):
+        raise RuntimeError(f"{_WHERE}: the drafter returned {len(proposed)} rows for {len(asked)}")
+    drafts = {b: [int(t) for t in p][: budget[b]] for b, p in zip(asked, proposed, strict=True)}
+    width = max(len(heads[b]) + len(drafts.get(b, [])) for b in active)
+    block = torch.full((batch.size, width), job.pad_id, dtype=torch.long)
+    for b in active:
+        row = heads[b] + drafts.get(b, [])
+        block[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, width))], dim=1)
+    logits = canonical_forward(batch.model, block.to(batch.device), attention_mask=batch.mask, cache=batch.cache)
+    now = time.perf_counter()
+    for b in active:
+        record, h, d = batch.stats[b], len(heads[b]), drafts.get(b, [])
+        if b not in rounds:  # sat out: its head was re-fed, nothing is decided
+            record.replayed_positions += h
+            continue
+        # logits[b, h - 1 + i] decide the token after head and i drafts
+        top1, top2, gap = (t.cpu() for t in margin(logits[b, h - 1 : h + len(d)]))
+        tokens: list[int] = []
+        for i in range(len(d) + 1):
+            want = int(top1[i])
+            runner_up = i < len(d) and d[i] != want and d[i] == int(top2[i])
+            if runner_up and mars_threshold is not None and bool(gap[i] < mars_threshold):
+                record.mars_changed += 1
+                record.mars_steps.append(len(batch.committed[b]) + len(tokens))
+                want = d[i]
+            tokens.append(want)
+            batch.margins[b].append(float(gap[i]))
+            if want in batch.eos or i == len(d) or want != d[i]:
+                break
+        record.drafted += len(d)
+        record.accepted += sum(1 for i, t in enumerate(tokens[: len(d)]) if t == d[i])
+        record.passes += 1
+        record.replayed_positions += h + len(d)
+        batch.commit(b, tokens, [now] * len(tokens))
 
 
 __all__ = ["Drafter", "ModelDrafter", "PromptLookupDrafter", "as_drafter", "check_speculative", "pass_width"]
