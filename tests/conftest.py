@@ -14,6 +14,7 @@ import margingate  # noqa: F401  (loads the native library)
 
 HAS_CUDA = torch.cuda.is_available() and bool(margingate.build_info()["cuda"])
 
+# The dtypes every native op takes: the one list the op tests (CPU and CUDA) parametrize over.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # The CPU kernel levels a CPU with the given best level can run (x86 levels nest; neon is aarch64's).

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 import margingate
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from .conftest import DTYPES
+from .references import attention_reference, visible_mask
+
 # The flash-attention rule: our error may be at most twice that of plain torch computing the same
 # attention in fp32 and rounding to the dtype, plus a small absolute slack for the exp2
 # polynomial (~2e-7 relative) that torch's exp does not share.
@@ -37,45 +39,12 @@ def chain_error_bound(q, k, v, kv_rows=None, scale=None):
     return D * 2.0**-24 * dot * abs(scale) * (v.double().abs().max().item() if v.numel() else 0.0)
 
 
-def visible_mask(Tq, Tk, kv_start, causal, window):
-    """[B, 1, Tq, Tk] bool: which key each query sees (queries at the last Tq positions)."""
-    p = torch.arange(Tk - Tq, Tk)[:, None]
-    t = torch.arange(Tk)[None, :]
-    mask = torch.ones(Tq, Tk, dtype=torch.bool)
-    if causal:
-        mask &= t <= p
-    if window is not None:
-        mask &= t > p - window
-    mask = mask[None, None]
-    if kv_start is not None:
-        mask = mask & (t[None, None] >= kv_start.long()[:, None, None, None])
-    return mask
-
-
-def reference(
-    q, k, v, kv_start=None, kv_rows=None, *, causal=True, scale=None, window=None, compute=torch.float64
-):
-    """Plain-torch attention (fp64 by default) with explicit masking; fully masked queries give zeros."""
-    B, Hq, Tq, D = q.shape
-    if kv_rows is not None:
-        k, v = k[kv_rows.long()], v[kv_rows.long()]
-    Hkv, Tk = k.shape[1], k.shape[2]
-    k = k.to(compute).repeat_interleave(Hq // Hkv, dim=1)
-    v = v.to(compute).repeat_interleave(Hq // Hkv, dim=1)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    scores = (q.to(compute) @ k.transpose(-1, -2)) * scale
-    mask = visible_mask(Tq, Tk, kv_start, causal, window)
-    scores = scores.masked_fill(~mask, -math.inf)
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return weights @ v
-
-
 def assert_close_to_reference(out, args, kwargs, factor=2.0):
     """`out` vs the fp64 reference, judged against plain torch in fp32 rounded to out's dtype."""
     if out.numel() == 0:
         return
-    ref = reference(*args, **kwargs)
-    torch_fp32 = reference(*args, **kwargs, compute=torch.float32).to(out.dtype)
+    ref = attention_reference(*args, **kwargs)
+    torch_fp32 = attention_reference(*args, **kwargs, compute=torch.float32).to(out.dtype)
     baseline = (torch_fp32.double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     kv_rows = args[4] if len(args) > 4 else kwargs.get("kv_rows")

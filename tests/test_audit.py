@@ -22,13 +22,14 @@ import torch
 
 import margingate
 from margingate import cli
-from margingate.difr import fingerprint_matrix, fingerprints, token_scores, token_scores_materialised
+from margingate.difr import fingerprint_matrix, fingerprints, token_scores
 from margingate.noise import gumbel_noise
 from margingate.ops import sample_margin
 from margingate.transcripts import Transcript, TranscriptError, read_transcripts, transcripts_from_generation
 
 transformers = pytest.importorskip("transformers")
 from tests.models import build_model  # noqa: E402
+from tests.references import token_scores_reference  # noqa: E402
 
 VOCAB = 384
 NEW_TOKENS = 10
@@ -160,7 +161,7 @@ def test_sampled_transcript_exact_under_its_seed(model, prompts, top_k, min_p):
     for t, r in zip(wrong, report["transcripts"], strict=True):
         logits = _canonical_logits(model, t["prompt_ids"], t["output_ids"])
         positions = torch.arange(len(t["prompt_ids"]), len(t["prompt_ids"]) + NEW_TOKENS)
-        expected = token_scores_materialised(
+        expected = token_scores_reference(
             logits, t["output_ids"], temperature=t["temperature"], seed=t["seed"], positions=positions,
             top_k=top_k, min_p=min_p,
         )  # fmt: skip

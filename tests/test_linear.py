@@ -15,22 +15,16 @@ from hypothesis import strategies as st
 
 import margingate
 
-from .conftest import run_at_simd_level
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from .conftest import DTYPES, run_at_simd_level
+from .references import linear_reference
 
 # Absolute slack on top of "2x torch's error", in units of the output dtype's epsilon times the
 # typical magnitude of an output element (inputs are ~N(0, 1), so |y| ~ sqrt(K)).
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def _reference(x, w, b):
-    y = x.double() @ w.double().t()
-    return y if b is None else y + b.double()
-
-
 def assert_close_to_fp64(y, x, w, b):
-    ref = _reference(x, w, b)
+    ref = linear_reference(x, w, b)
     ours = (y.double() - ref).abs().max().item() if y.numel() else 0.0
     theirs = (torch.nn.functional.linear(x, w, b).double() - ref).abs().max().item() if y.numel() else 0.0
     atol = 4 * EPS[x.dtype] * max(1.0, x.shape[-1] ** 0.5)

@@ -12,31 +12,12 @@ from hypothesis import strategies as st
 import margingate
 
 from .conftest import DTYPES, run_at_simd_level
-
-
-def reference(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """top1 = torch.argmax; top2 = argmax with top1 masked out; margin by the contract."""
-    x = logits.float()
-    top1 = torch.argmax(logits, dim=-1)
-    rest = x.clone()
-    rest[torch.arange(x.shape[0]), top1] = float("-inf")
-    # A NaN outranks every number: the second NaN (if any) is the runner-up.
-    nan_rest = torch.isnan(rest)
-    top2 = torch.where(nan_rest.any(-1), nan_rest.int().argmax(-1), rest.nan_to_num(nan=float("-inf")).argmax(-1))
-    # argmax of a row that is all -inf after masking: first index other than top1.
-    all_neg_inf = torch.isneginf(rest).all(-1) & ~nan_rest.any(-1)
-    first_other = (top1 == 0).long()
-    top2 = torch.where(all_neg_inf, first_other, top2)
-    v1 = x.gather(1, top1[:, None])[:, 0]
-    v2 = x.gather(1, top2[:, None])[:, 0]
-    margin = torch.where(v1 == v2, torch.zeros_like(v1), v1 - v2)
-    margin = torch.where(torch.isnan(x).any(-1), torch.full_like(v1, math.nan), margin)
-    return top1, top2, margin
+from .references import margin_reference
 
 
 def assert_matches_reference(logits: torch.Tensor) -> None:
     top1, top2, margin = margingate.margin(logits)
-    r1, r2, rm = reference(logits)
+    r1, r2, rm = margin_reference(logits)
     assert torch.equal(top1, r1), (top1, r1)
     assert torch.equal(top2, r2), (top2, r2)
     assert torch.equal(margin.isnan(), rm.isnan())

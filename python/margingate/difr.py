@@ -50,11 +50,11 @@ import torch
 from . import hf_compat
 from .batching import left_pad
 from .canonical import canonical_forward
-from .noise import gumbel_noise, log_mg, noised_scores
-from .ops import linear, margin
+from .noise import gumbel_noise, log_mg
+from .ops import build_info, canonical_bits, linear, margin
 from .transcripts import DEFAULT_AUDIT_BATCH_SIZE, FINAL_HIDDEN, Transcript, check_token_ids, parse_transcript
 
-__all__ = ["audit", "fingerprint_matrix", "fingerprints", "token_scores", "token_scores_materialised"]
+__all__ = ["audit", "fingerprint_matrix", "fingerprints", "token_scores"]
 
 _WHERE = "margingate.audit"
 
@@ -81,29 +81,6 @@ def _as_transcripts(transcripts: Sequence[Any], tokenizer: Any, vocab: int) -> l
 
 
 # ----------------------------------------------------------------------------- scoring
-def _candidates(x: torch.Tensor, temperature: float, top_k: int, min_p: float) -> torch.Tensor | None:
-    """[n, V] bool mask of the indices the sampler keeps (None: all), as ``sample_margin`` decides
-    (cpp/include/margingate/sampling.h): top_k keeps exactly k, ties at the k-th value to the
-    lowest indices; min_p keeps ``float32(x - max) >= float32(T * log_mg(min_p))``."""
-    keep = None
-    vocab = x.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
-        above = x > kth
-        tied = x == kth
-        room = top_k - above.sum(-1, keepdim=True)
-        keep = above | (tied & (tied.cumsum(-1) <= room))
-    if min_p > 0:
-        # The op takes T and min_p as float32; the cut-off is computed in float64, rounded once.
-        t64 = torch.tensor(temperature, dtype=torch.float32).double()
-        q64 = torch.tensor([min_p], dtype=torch.float32).double()
-        cut32 = (t64 * log_mg(q64)).float()
-        d = x - x.max(-1, keepdim=True).values
-        inside = d >= cut32
-        keep = inside if keep is None else keep & inside
-    return keep
-
-
 def token_scores(
     logits: torch.Tensor,
     output_ids: Sequence[int],
@@ -121,7 +98,8 @@ def token_scores(
 
     The reference's choice and margin come from the native ops (``margin``; ``sample_margin``,
     which never materialises the noise); only the provided token's noised score is computed here,
-    with the same float32 arithmetic, so the result equals ``token_scores_materialised``."""
+    with the same float32 arithmetic, so the result equals the plain-torch definition the tests hold
+    it to (``tests/references.py``, ``token_scores_reference``)."""
     x = logits.float()
     gold = torch.tensor(list(output_ids), dtype=torch.long, device=x.device)
     rows = torch.arange(x.shape[0], device=x.device)
@@ -155,49 +133,6 @@ def token_scores(
             gold == choice,
             torch.zeros_like(s_top),
             torch.where(inside, t32 * (s_top - s_gold), torch.full_like(s_top, math.inf)),
-        )
-    return {
-        "reference_ids": choice.tolist(),
-        "scores": scores.tolist(),
-        "reference_margins": ref_margin.tolist(),
-    }
-
-
-def token_scores_materialised(
-    logits: torch.Tensor,
-    output_ids: Sequence[int],
-    *,
-    temperature: float = 0.0,
-    seed: int | None = None,
-    positions: torch.Tensor | None = None,
-    top_k: int = 0,
-    min_p: float = 0.0,
-) -> dict[str, list]:
-    """``token_scores`` by the plain-torch definition: the noised scores of the whole vocabulary
-    materialised (``noise.noised_scores``), the candidates as a mask. Slow (float64 noise for every
-    index); the tests hold the native path to it bit for bit."""
-    x = logits.float()
-    gold = torch.tensor(list(output_ids), dtype=torch.long, device=x.device)
-    rows = torch.arange(x.shape[0], device=x.device)
-    if temperature == 0:
-        top1, _top2, ref_margin = margin(x)
-        scores = x[rows, top1] - x[rows, gold]
-        choice = top1
-    else:
-
-        s = noised_scores(x, seed, positions, temperature)
-        keep = _candidates(x, temperature, top_k, min_p)
-        if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
-        best2 = torch.topk(s, 2, dim=-1)
-        choice = s.argmax(-1)  # the first index on ties, as the sampler
-        t32 = torch.tensor(float(temperature), dtype=torch.float32)
-        s_top = s[rows, choice]
-        s_gold = s[rows, gold]
-        scores = torch.where(s_gold == s_top, torch.zeros_like(s_top), t32 * (s_top - s_gold))
-        second = best2.values[:, 1]
-        ref_margin = torch.where(
-            torch.isinf(second), torch.full_like(s_top, math.inf), t32 * (s_top - second)
         )
     return {
         "reference_ids": choice.tolist(),
@@ -331,6 +266,10 @@ def audit(
     distance <= ``fingerprint_tolerance``; ``"fail"``), and with a fingerprint
     ``fingerprint_distances`` (Euclidean, per token) and ``fingerprint_max``.
     ``summary``: counts per verdict, overall match rate, mean and max score, the threshold.
+    ``canonical_bits`` (the reference's bit class, ``build_info()``) is in the summary; a
+    transcript that recorded another class gets ``other_bit_class: True``: its tokens were chosen
+    by a canonical forward with other bits, so exact zero is not promised for it (near-ties may
+    differ) and its verdict says what was measured, nothing more.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold >= 0:
         raise ValueError(f"{_WHERE}: threshold must be a number >= 0, got {threshold!r}")
@@ -388,7 +327,11 @@ def audit(
                         entry["verdict"] = "pass"
                 by_index[i] = entry
     results = [by_index[i] for i in range(len(items))]
-    return {"transcripts": results, "summary": _summary(results, threshold)}
+    reference_bits = canonical_bits(str(build_info()["simd"]), next(model.parameters()).device.type)
+    for t, entry in zip(items, results, strict=True):
+        entry["canonical_bits"] = t.canonical_bits
+        entry["other_bit_class"] = t.canonical_bits is not None and t.canonical_bits != reference_bits
+    return {"transcripts": results, "summary": {**_summary(results, threshold), "canonical_bits": reference_bits}}
 
 
 def _summarize_transcript(i: int, t: Transcript, s: dict[str, list], threshold: float) -> dict[str, Any]:
