@@ -264,3 +264,32 @@ def test_sample_margin_refuses_a_meta_argument_next_to_cpu_logits():
     with pytest.raises(RuntimeError, match="temperature is on meta"):
         margingate.sample_margin(logits, 1, 0, torch.full((2,), 0.7, device="meta"))
     assert margingate.sample_margin(logits.to("meta"), 1, 0, 0.7)[0].device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- progress
+@pytest.mark.parametrize("policy,extra", [("off", {}), ("margin", {}), ("window", {"window": 3}),
+                                          ("always", {"speculative": 2})])  # fmt: skip
+def test_the_progress_bar_ends_exactly_at_its_total(tmp_path, monkeypatch, policy, extra):
+    """The window bar overshot its total (it counted every row's tokens against a per-step total)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": open(os.devnull, "w")})  # noqa: SIM115
+            self.updates = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    model, _ = load_model(_tiny_llama_folder(tmp_path), progress=False)
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14]]
+    margingate.generate(model, prompts, policy=policy, max_new_tokens=7, batch_size=3, eos_token_id=5,
+                        progress=True, **extra)  # fmt: skip
+    [bar] = [b for b in bars if str(b.desc).startswith("generate")]
+    assert bar.total == len(prompts) * 7 and all(n >= 0 for n in bar.updates)
+    assert sum(bar.updates) == bar.total, (policy, bar.updates)

@@ -103,13 +103,15 @@ class Batch:
     def all_done(self) -> bool:
         return all(self.done(b) for b in range(self.size))
 
-    def commit(self, row: int, tokens: list[int], produced: list[float], *, advance: bool = True) -> None:
+    def commit(self, row: int, tokens: list[int], produced: list[float]) -> None:
         """``tokens`` are final for ``row``; ``produced``: when the fast path (or the canonical
-        forward) produced each. ``advance``: count them on the progress bar."""
+        forward) produced each. The progress bar counts final tokens, at most ``max_new_tokens`` a
+        row (``finish`` adds what a row that stopped early did not use), so it ends exactly at its
+        total whatever the policy."""
+        room = max(0, self.job.max_new_tokens - len(self.committed[row]))
         self.committed[row] += tokens
         self.clock.final(row, tokens, produced)
-        if advance:
-            self.job.advance(len(tokens))
+        self.job.advance(min(len(tokens), room))
 
     def append(self, token: torch.Tensor) -> None:
         """One more position: ``token`` [B] at the end of ``ids``, a column of ones in ``mask``."""
@@ -132,6 +134,7 @@ class Batch:
         the clock's figures, and ``margins`` (default: the rows' own; none unless recorded)."""
         for b, record in enumerate(self.stats):
             record.final_delays, record.ttft = self.clock.delays[b], self.clock.ttft[b]
+            self.job.advance(max(0, self.job.max_new_tokens - len(self.committed[b])))
         tokens = [cut_at_eos(c, self.eos) for c in self.committed]
         if margins is None:
             margins = self.margins if self.job.record_margins else [[] for _ in range(self.size)]

@@ -233,8 +233,8 @@ def _decode_batches(model, decode, template: BatchJob, encoded, seeds, size: int
     if progress:
         from tqdm.auto import tqdm
 
-        total = len(chunks) * template.max_new_tokens
-        bar = tqdm(total=total, desc=f"generate[{template.policy}]", unit="step", leave=False)
+        total = len(encoded) * template.max_new_tokens  # final tokens, a row's unused ones counted at its end
+        bar = tqdm(total=total, desc=f"generate[{template.policy}]", unit="token", leave=False)
     result = GenerationResult([[] for _ in encoded], {}, [[] for _ in encoded] if template.record_margins else None)
     rows: list[RowStats] = [RowStats() for _ in encoded]
     seconds, threshold_used, counters = 0.0, 0.0, {}
@@ -306,10 +306,8 @@ def decode_gated(model: torch.nn.Module, job: BatchJob) -> Outcome:
             batch.append(token)
             for b, t in enumerate(token.tolist()):
                 if not finished[b]:
-                    batch.commit(b, [t], [produced], advance=False)
-            job.advance()
+                    batch.commit(b, [t], [produced])
             if step == job.max_new_tokens - 1 or batch.all_done():
-                job.advance(job.max_new_tokens - 1 - step)
                 break
             logits = batch.forward_last(batch.ids[:, -1:], canonical=everything_canonical)
     for b, record in enumerate(proc.row_stats()):
