@@ -106,10 +106,12 @@ def summarize(
     ``verified`` also counts the rows that joined a replay without being flagged (``piggyback``).
 
     ``run``: what ``generate`` adds about the call (``prefill``, ``sampling``, ``window``,
-    ``speculative``, ``mars_threshold``), in that order; ``counters``: the loops' batch counters
-    (``verify_passes``, ``redecoded_steps``). Rows of ``window`` add ``rolled_back`` and
-    ``rollback_rate`` (rolled back / (rolled back + steps)); rows of speculative decoding add
-    ``exact`` and ``speculative_totals``."""
+    ``speculative``, ``mars_threshold``); ``counters``: the loops' batch counters
+    (``verify_passes``, ``redecoded_steps``). A ``window`` run adds ``window``, ``rolled_back``,
+    ``rollback_rate`` (rolled back / (rolled back + steps)) and the counters; a ``speculative`` run
+    adds ``speculative``, ``mars_threshold``, ``exact``, ``verify_passes`` and
+    ``speculative_totals``."""
+    run, counters = dict(run or {}), dict(counters or {})
     records = [r if isinstance(r, RowStats) else RowStats.from_dict(r) for r in rows]
     steps = sum(r.steps for r in records)
     triggered = sum(r.flagged for r in records)
@@ -133,14 +135,13 @@ def summarize(
         "repair_margins": [m for r in records for m in r.repair_margins],
         "per_row": [r.as_dict() for r in records],
         "seconds": seconds,
-        **{k: v for k, v in (run or {}).items() if k not in ("window", "speculative", "mars_threshold")},
+        **{k: v for k, v in run.items() if k not in ("window", "speculative", "mars_threshold")},
     }
-    counters = dict(counters or {})
-    if (run or {}).get("window") is not None:
+    if run.get("window") is not None:
         rolled = sum(r.rolled_back or 0 for r in records)
         totals.update(window=run["window"], rolled_back=rolled, rollback_rate=rolled / (rolled + steps or 1))
         totals.update(counters)
-    if (run or {}).get("speculative") is not None:
+    if run.get("speculative") is not None:
         spec = speculative_totals(records)
         mars = spec.pop("mars_changed")
         totals.update(speculative=run["speculative"], mars_threshold=run.get("mars_threshold"))
