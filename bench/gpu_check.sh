@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issue 16): build margingate against the torch already installed,
-# run tests/test_cuda.py one test function per process with a timeout, run the CUDA benchmark,
+# run tests/test_cuda_*.py one test function per process with a timeout, run the CUDA benchmark,
 # and write every log under $OUT. Made for an H100/H200 machine without network; finishes within
 # GPU_CHECK_BUDGET_S (default 450 s, under the 8 minutes that leave room for a rerun).
 #
@@ -116,7 +116,7 @@ fi
 # ------------------------------------------------------------------ tests, one function per process
 # A kernel fault poisons the process's CUDA context, so each test function runs in its own
 # process (its parametrizations share it) under a timeout; several processes share the GPU.
-run_group() {  # $1 = test function name
+run_group() {  # $1 = FILE::function of a CUDA test
   local name=$1 rc
   if [ "$(left)" -lt 120 ]; then  # keep two minutes for the benchmark
     echo "$name SKIPPED(budget)" >>"$OUT/tests/status.txt"
@@ -124,8 +124,9 @@ run_group() {  # $1 = test function name
   fi
   local t0
   t0=$(date +%s)
-  timeout -k 10 "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -rA -p no:cacheprovider "tests/test_cuda.py::$name" \
-    --junitxml="$OUT/tests/$name.xml" >"$OUT/tests/$name.log" 2>&1
+  local file=${name//[\/:]/_}  # tests/test_cuda_margin.py::test_x -> a file name
+  timeout -k 10 "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -rA -p no:cacheprovider "$name" \
+    --junitxml="$OUT/tests/$file.xml" >"$OUT/tests/$file.log" 2>&1
   rc=$?
   case $rc in
     0) verdict=PASS ;;
@@ -138,9 +139,9 @@ run_group() {  # $1 = test function name
 export -f run_group
 : >"$OUT/tests/status.txt"
 if [ $build_ok -eq 1 ]; then
-  log "tests: collecting tests/test_cuda.py"
-  "$PYTHON" -m pytest --collect-only -q -p no:cacheprovider tests/test_cuda.py >"$OUT/tests/collect.log" 2>&1
-  grep '^tests/test_cuda.py::' "$OUT/tests/collect.log" | sed -e 's/^tests\/test_cuda.py:://' -e 's/\[.*//' |
+  log "tests: collecting tests/test_cuda_*.py"
+  "$PYTHON" -m pytest --collect-only -q -p no:cacheprovider tests/test_cuda_*.py >"$OUT/tests/collect.log" 2>&1
+  grep '^tests/test_cuda_[a-z_]*\.py::' "$OUT/tests/collect.log" | sed -e 's/\[.*//' |
     awk '!seen[$0]++' >"$OUT/tests/functions.txt"
   log "tests: $(grep -c '::' "$OUT/tests/collect.log") tests in $(wc -l <"$OUT/tests/functions.txt") functions, $JOBS processes at once, ${TEST_TIMEOUT}s each"
   xargs -P "$JOBS" -I{} bash -c 'run_group "$@"' _ {} <"$OUT/tests/functions.txt"
@@ -165,8 +166,8 @@ EOF
   if grep -qv ' PASS ' "$OUT/tests/status.txt"; then
     status=1
     grep -v ' PASS ' "$OUT/tests/status.txt" | while read -r name _; do  # the end of each failure's log
-      echo "  --- tail of tests/$name.log" >>"$OUT/summary.txt"
-      tail -n 15 "$OUT/tests/$name.log" 2>/dev/null | cut -c1-300 | sed 's/^/    /' >>"$OUT/summary.txt"
+      echo "  --- tail of tests/${name//[\/:]/_}.log" >>"$OUT/summary.txt"
+      tail -n 15 "$OUT/tests/${name//[\/:]/_}.log" 2>/dev/null | cut -c1-300 | sed 's/^/    /' >>"$OUT/summary.txt"
     done
   fi
   log "tests: $(grep -c ' PASS ' "$OUT/tests/status.txt") of $(wc -l <"$OUT/tests/status.txt") functions passed"

@@ -14,7 +14,7 @@
 //   covers. Rows past M are zero-filled; a row of an MMA only ever meets its own x row, so padding
 //   and neighbours never enter y[m, n]. We rely on the tensor core computing every element of its
 //   16x8 output the same way regardless of its position in the fragment (the assumption every
-//   batch-invariant GEMM makes); tests/test_cuda.py checks it bitwise on the GPU.
+//   batch-invariant GEMM makes); tests/test_cuda_linear.py checks it bitwise on the GPU.
 // - Strides: a strided or misaligned operand is loaded element by element instead of with
 //   cp.async, into the same shared-memory tile, so the arithmetic is identical.
 // - Compiled with --fmad=false; the epilogue's bias add is a plain fp32 add in every instantiation.

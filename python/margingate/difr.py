@@ -305,33 +305,37 @@ def audit(
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             batch = [items[i] for i in chunk]
-            for i, t, (logits, h) in zip(
-                chunk, batch, _teacher_forced(model, batch, pad, layer), strict=True
-            ):
-                positions = torch.arange(len(t.prompt_ids), len(t.prompt_ids) + len(t.output_ids))
-                s = token_scores(
-                    logits, t.output_ids, temperature=t.temperature, seed=t.seed, positions=positions,
-                    top_k=t.top_k, min_p=t.min_p,
-                )  # fmt: skip
-                entry = _summarize_transcript(i, t, s, threshold)
-                if t.fingerprint is not None:
-                    fp = t.fingerprint
-                    mine = _project(h, fingerprint_matrix(h.shape[-1], fp["k"], fp["seed"])).double()
-                    theirs = torch.tensor(fp["values"], dtype=torch.float32).double()
-                    dist = (mine - theirs).norm(dim=-1)
-                    entry["fingerprint_distances"] = dist.tolist()
-                    entry["fingerprint_max"] = float(dist.max())
-                    if entry["fingerprint_max"] > fingerprint_tolerance:
-                        entry["verdict"] = "fail"
-                    elif entry["fingerprint_max"] > 0 and entry["verdict"] == "exact":
-                        entry["verdict"] = "pass"
-                by_index[i] = entry
+            for i, t, (logits, h) in zip(chunk, batch, _teacher_forced(model, batch, pad, layer), strict=True):
+                by_index[i] = _audit_one(i, t, logits, h, threshold, fingerprint_tolerance)
     results = [by_index[i] for i in range(len(items))]
     reference_bits = canonical_bits(str(build_info()["simd"]), next(model.parameters()).device.type)
     for t, entry in zip(items, results, strict=True):
         entry["canonical_bits"] = t.canonical_bits
         entry["other_bit_class"] = t.canonical_bits is not None and t.canonical_bits != reference_bits
     return {"transcripts": results, "summary": {**_summary(results, threshold), "canonical_bits": reference_bits}}
+
+
+def _audit_one(i: int, t: Transcript, logits: torch.Tensor, h, threshold: float, tolerance: float) -> dict[str, Any]:
+    """One transcript's entry: its Token-DiFR scores from the canonical ``logits`` of its output
+    positions, and with a fingerprint the distance of each token's projected hidden state ``h``."""
+    positions = torch.arange(len(t.prompt_ids), len(t.prompt_ids) + len(t.output_ids))
+    s = token_scores(
+        logits, t.output_ids, temperature=t.temperature, seed=t.seed, positions=positions, top_k=t.top_k,
+        min_p=t.min_p,
+    )  # fmt: skip
+    entry = _summarize_transcript(i, t, s, threshold)
+    if t.fingerprint is not None:
+        fp = t.fingerprint
+        mine = _project(h, fingerprint_matrix(h.shape[-1], fp["k"], fp["seed"])).double()
+        theirs = torch.tensor(fp["values"], dtype=torch.float32).double()
+        dist = (mine - theirs).norm(dim=-1)
+        entry["fingerprint_distances"] = dist.tolist()
+        entry["fingerprint_max"] = float(dist.max())
+        if entry["fingerprint_max"] > tolerance:
+            entry["verdict"] = "fail"
+        elif entry["fingerprint_max"] > 0 and entry["verdict"] == "exact":
+            entry["verdict"] = "pass"
+    return entry
 
 
 def _summarize_transcript(i: int, t: Transcript, s: dict[str, list], threshold: float) -> dict[str, Any]:
