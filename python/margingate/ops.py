@@ -7,6 +7,7 @@ to the ``register_fake`` that tells the compiler its output shapes.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 
 import torch
@@ -15,7 +16,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_library() -> None:
+    """Loads ``_margingate.so``: the one beside this file (an installed wheel, or a development
+    build that put it there), else the one an editable install built into site-packages (its
+    import finder maps ``margingate._margingate`` there while the sources stay in the checkout)."""
     candidates = sorted(glob.glob(os.path.join(_HERE, "_margingate*.so")))
+    if not candidates:
+        spec = importlib.util.find_spec(f"{__package__}._margingate")
+        if spec is not None and spec.origin and os.path.isfile(spec.origin):
+            candidates = [spec.origin]
     if not candidates:
         raise ImportError(
             "margingate: the native library _margingate.so is missing from "
