@@ -51,7 +51,7 @@ from . import hf_compat
 from .batching import left_pad
 from .canonical import canonical_forward
 from .noise import gumbel_noise, log_mg
-from .ops import build_info, canonical_bits, linear, margin
+from .ops import canonical_bits_on, linear, margin
 from .transcripts import DEFAULT_AUDIT_BATCH_SIZE, FINAL_HIDDEN, Transcript, check_token_ids, parse_transcript
 
 __all__ = ["audit", "fingerprint_matrix", "fingerprints", "token_scores"]
@@ -78,6 +78,14 @@ def _as_transcripts(transcripts: Sequence[Any], tokenizer: Any, vocab: int) -> l
             )
         out.append(t)
     return out
+
+
+def _prepare(model, transcripts: Sequence[Any], tokenizer: Any, pad_token_id: int | None) -> tuple[list[Transcript], int]:
+    """The validated transcripts (prompts encoded) and the pad id to batch them with."""
+    items = _as_transcripts(transcripts, tokenizer, hf_compat.vocab_size(model))
+    if pad_token_id is None:
+        pad_token_id = hf_compat.pad_id(model, tokenizer, hf_compat.eos_ids(model, tokenizer))
+    return items, pad_token_id
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -223,13 +231,7 @@ def fingerprints(
     token, the ``k``-dimensional projection (``fingerprint_matrix(hidden, k, seed)``) of ``layer``'s
     hidden state at the position that produced it. This is what an honest margingate provider
     ships; ``audit`` recomputes it and finds distance 0."""
-    vocab = hf_compat.vocab_size(model)
-    items = _as_transcripts(transcripts, tokenizer, vocab)
-    pad = (
-        hf_compat.pad_id(model, tokenizer, hf_compat.eos_ids(model, tokenizer))
-        if pad_token_id is None
-        else pad_token_id
-    )
+    items, pad = _prepare(model, transcripts, tokenizer, pad_token_id)
     out = []
     matrix = None
     for start in range(0, len(items), batch_size):
@@ -284,13 +286,7 @@ def audit(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{_WHERE}: batch_size must be an int >= 1, got {batch_size!r}")
     hf_compat.check_supported(model, _WHERE)
-    vocab = hf_compat.vocab_size(model)
-    items = _as_transcripts(transcripts, tokenizer, vocab)
-    pad = (
-        hf_compat.pad_id(model, tokenizer, hf_compat.eos_ids(model, tokenizer))
-        if pad_token_id is None
-        else pad_token_id
-    )
+    items, pad = _prepare(model, transcripts, tokenizer, pad_token_id)
     layers = {t.fingerprint["layer"] for t in items if t.fingerprint is not None}
     for layer in layers:  # check the layer names before running anything
         if layer != FINAL_HIDDEN and layer not in dict(model.named_modules()):
@@ -308,7 +304,7 @@ def audit(
             for i, t, (logits, h) in zip(chunk, batch, _teacher_forced(model, batch, pad, layer), strict=True):
                 by_index[i] = _audit_one(i, t, logits, h, threshold, fingerprint_tolerance)
     results = [by_index[i] for i in range(len(items))]
-    reference_bits = canonical_bits(str(build_info()["simd"]), next(model.parameters()).device.type)
+    reference_bits = canonical_bits_on(next(model.parameters()).device)
     for t, entry in zip(items, results, strict=True):
         entry["canonical_bits"] = t.canonical_bits
         entry["other_bit_class"] = t.canonical_bits is not None and t.canonical_bits != reference_bits

@@ -73,6 +73,11 @@ def canonical_bits(simd: str, device: str = "cpu") -> str:
     return f"{CANONICAL_BITS_CONTRACT}/cpu-avx512" if simd == "avx512" else f"{CANONICAL_BITS_CONTRACT}/cpu-fma8"
 
 
+def canonical_bits_on(device: torch.device) -> str:
+    """The bit class of a canonical forward whose weights are on ``device``, in this process."""
+    return canonical_bits(str(build_info()["simd"]), device.type)
+
+
 def _check_devices(op: str, anchor: str, tensors: dict, indices: dict | None = None) -> None:
     """The device rules of the native kernels, for the fake kernels.
 

@@ -7,7 +7,7 @@ import argparse
 
 from ..difr import fingerprints
 from ..generation import generate
-from ..ops import build_info, canonical_bits
+from ..ops import canonical_bits_on
 from ..sampling import prompt_seed
 from ..transcripts import FINAL_HIDDEN, transcripts_from_generation, write_transcripts
 from .common import (
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
     provider = f"margingate {args.policy} batch {args.batch_size or len(prompts)}"
-    bits = canonical_bits(str(build_info()["simd"]), next(model.parameters()).device.type)
+    bits = canonical_bits_on(next(model.parameters()).device)
     transcripts = transcripts_from_generation(prompts, result.sequences, provider, canonical_bits=bits)
     if args.temperature > 0:  # each transcript carries what the audit needs to re-sample it
         for t, seed in zip(transcripts, seeds, strict=True):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import struct
 
 from ..policies import POLICIES
+from ..sampling import check_float32_temperature
 from ..transcripts import DEFAULT_AUDIT_BATCH_SIZE, FINAL_HIDDEN
 
 # Defaults sized so that `margingate check` on the default model finishes in well under 15
@@ -82,11 +82,9 @@ def temperature(text: str) -> float:
     """A temperature the float32 sampler can use: 0 (greedy) or a float32 that is finite and > 0."""
     value = threshold_value(text)
     try:
-        as_float32 = struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        as_float32 = math.inf
-    if value > 0 and not 0 < as_float32 < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is outside float32's range (the sampler computes in float32)")
+        check_float32_temperature(value, "temperature")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("temperature: ")) from None
     return value
 
 
