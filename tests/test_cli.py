@@ -159,24 +159,29 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     threshold_file, report_path, png = tmp_path / "t.json", tmp_path / "cal.json", tmp_path / "cal.png"
     rc = cli.main([
         "calibrate", *common(tiny, "--transfer-prompts", str(tiny["prompts"]), "--safety-factor", "3",
-                             "--output", str(threshold_file), "--json", str(report_path), "--plot", str(png)),
+                             "--probe-threshold", "100", "--max-new-tokens", "48", "--output", str(threshold_file), "--json", str(report_path),
+                             "--plot", str(png)),
     ])  # fmt: skip
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "threshold = 3 x max" in out and "transfer:" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert rc == 0, captured.err
+    assert "threshold = 3 x the largest flip margin" in out and "transfer:" in out
     saved = json.loads(threshold_file.read_text())
-    documented = {"command", "threshold", "safety_factor", "max_flip_margin", "max_margin_perturbation",
-                  "trigger_rate", "model", "calibration", "transfer", "transfer_ok"}  # fmt: skip
+    documented = {"command", "gate", "threshold", "safety_factor", "probe_threshold", "max_flip_margin", "flip_rate",
+                  "trigger_rate", "model", "machine", "calibration", "transfer", "transfer_ok"}  # fmt: skip
     assert documented <= set(saved), documented - set(saved)
     assert saved == json.loads(report_path.read_text())
-    observed = max(saved["max_flip_margin"] or 0.0, saved["max_margin_perturbation"])
-    assert saved["threshold"] == pytest.approx(3 * observed) and saved["threshold"] > 0
-    assert saved["safety_factor"] == 3
+    assert saved["gate"] == margingate.policies.GATE
     cal = saved["calibration"]
-    assert all(e["margin"] < saved["threshold"] for e in cal["flip_events"])
-    assert 0.0 <= saved["trigger_rate"] <= 1.0
+    # The tiny model flips (by 48 tokens): every flip is a step whose fast token differed from the canonical one,
+    # seen as a repair (margin below the probe) or as a token differing from the canonical tokens.
+    assert cal["flips"] > 0 and cal["flips"] == len(cal["flip_margins"])
+    assert saved["max_flip_margin"] == max(cal["flip_margins"])
+    assert saved["threshold"] == pytest.approx(3 * saved["max_flip_margin"]) and saved["threshold"] > 0
+    assert cal["escapes"] == 0 and all(m < saved["threshold"] for m in cal["flip_margins"])
+    assert 0.0 < saved["trigger_rate"] <= 1.0 and saved["flip_rate"] == cal["flips"] / cal["steps"]
     # Same prompts for the transfer check: the threshold covers them by construction.
-    assert saved["transfer"]["escaped_flips"] == 0 and saved["transfer_ok"] is True
+    assert saved["transfer"]["escapes"] == 0 and saved["transfer_ok"] is True
     read_png(png)
 
     check_json = tmp_path / "check.json"
@@ -190,6 +195,81 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     )
     assert "margingate check" in out and "trigger rate" in out
     assert rc == 0
+
+
+def test_gate_counts_flips_triggers_and_escapes():
+    """Every number of the gate, by hand: flips seen as repairs (with their fast margins) and as
+    tokens that differ from the canonical ones (an escape at the decoding threshold, its margin the
+    recorded one); a candidate threshold's escapes are the flips at or above it."""
+    def run(seqs, margins, repair_margins, triggered):
+        rows = [{"steps": len(s), "repair_margins": r} for s, r in zip(seqs, repair_margins, strict=True)]
+        stats = {"per_row": rows, "triggered": triggered, "verified": triggered, "repairs": sum(map(len, repair_margins))}
+        return {"sequences": seqs, "margins": margins, "stats": stats, "seconds": 1.0}
+
+    canonical = [[5, 6, 7], [8, 9, 10]]
+    runs = {
+        1: run([[5, 6, 7], [8, 9, 10]], [[9.0, 0.1, 2.0], [9.0, 3.0, 0.4]], [[0.1], []], 2),
+        4: run([[5, 6, 7], [8, 4, 10]], [[9.0, 0.2, 2.0], [9.0, 1.5, 0.3]], [[0.2], [0.3]], 2),
+    }
+    counts = measure.gate_counts(runs, canonical, [0.25, 1.0, 2.0])
+    assert counts["steps"] == 12 and counts["flips"] == 4 and counts["flip_rate"] == pytest.approx(4 / 12)
+    assert counts["flip_margins"] == [0.1, 0.2, 0.3, 1.5] and counts["max_flip_margin"] == 1.5
+    assert counts["end_to_end_mismatches"] == [{"config": "batch 4", "batch_size": 4, "prompt": 1, "step": 1, "margin": 1.5}]
+    assert counts["cross_config_divergences"] == 1
+    # Step 0 of every row comes from the canonical prefill: 8 gated steps.
+    by_t = {c["threshold"]: c for c in counts["candidates"]}
+    assert by_t[0.25]["escapes"] == 2 and by_t[0.25]["trigger_rate"] == pytest.approx(2 / 12)
+    assert by_t[1.0]["escapes"] == 1 and by_t[1.0]["trigger_rate"] == pytest.approx(4 / 12)
+    assert by_t[2.0]["escapes"] == 0 and by_t[2.0]["triggers_per_flip"] == pytest.approx(5 / 4)
+
+
+def test_gate_report_sees_escapes_of_a_low_threshold(tiny):
+    """On a model that flips, `margin` at threshold 0 lets the flips through (escapes: tokens that
+    differ from the canonical ones) while a threshold above every flip margin lets none through."""
+    model, _ = load_model(tiny["model"])
+    prompts = [json.loads(line)["input_ids"] for line in tiny["prompts"].read_text().splitlines()]
+    reports = {
+        t: measure.gate_report(model, prompts, batch_sizes=[1, 3, 8], max_new_tokens=48, probe_threshold=t, candidates=[t])
+        for t in (0.0, 100.0)
+    }
+    high, low = reports[100.0], reports[0.0]
+    assert high["flips"] > 0 and high["candidates"][0]["escapes"] == 0 and not high["end_to_end_mismatches"]
+    assert low["end_to_end_mismatches"] and low["candidates"][0]["escapes"] == low["flips"] > 0
+    assert low["candidates"][0]["trigger_rate"] == 0.0
+
+
+def test_shipped_calibrations_are_of_this_gate_and_cover_their_flips():
+    """Every shipped threshold file loads under this margingate's gate, and its threshold lies above
+    every flip it saw, on its calibration set and on its transfer set (no escape)."""
+    shipped = margingate.policies.shipped_calibrations()
+    assert shipped, "no shipped calibration"
+    for (model_type, vocab), data in shipped.items():
+        assert data["gate"] == margingate.policies.GATE and data["command"] == "calibrate", data["file"]
+        assert data["threshold"] == pytest.approx(data["safety_factor"] * data["max_flip_margin"]), data["file"]
+        for part in ("calibration", "transfer"):
+            assert data[part]["escapes"] == 0 and all(m < data["threshold"] for m in data[part]["flip_margins"])
+
+
+def test_threshold_file_of_another_gate_is_refused_not_misread(tiny, tmp_path, capsys):
+    """A threshold means something only for the gate it calibrated: a file written before gates
+    were named (margingate's own old format) or for another gate stops `check` in one line before
+    the model loads; the same file naming this margingate's gate is read (the control)."""
+    old = {"command": "calibrate", "threshold": 0.75, "safety_factor": 2.0, "max_flip_margin": 0.125}
+    cases = {"no gate": old, "other gate": {**old, "gate": "fp32-margin/x"}}
+    for label, data in cases.items():
+        path = tmp_path / f"{label.replace(' ', '_')}.json"
+        path.write_text(json.dumps(data))
+        rc = cli.main(["check", *common(tiny, "--threshold-file", str(path))])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, (label, err)
+        assert margingate.policies.GATE in err and "re-run `margingate calibrate`" in err, err
+        assert ("names no gate" in err) if label == "no gate" else ("'fp32-margin/x'" in err), err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({**old, "gate": margingate.policies.GATE}))
+    check_json = tmp_path / "check.json"
+    rc = cli.main(["check", *common(tiny, "--threshold-file", str(good), "--json", str(check_json), "--policies", "margin")])
+    capsys.readouterr()
+    assert rc == 0 and json.loads(check_json.read_text())["threshold"] == 0.75
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +311,9 @@ def test_check_report_fields(check_report):
         # Every non-identical prompt diverges in at least one of the 2 batched configurations, at most in both.
         differing = NUM_PROMPTS - p["identical"]
         assert differing <= len(p["divergences"]) == p["flips"] <= 2 * differing
+    gate = report["gate"]  # against always's tokens (the canonical ones): what check prints as the gate line
+    assert gate["against"] == "canonical tokens" and gate["threshold"] == 1.0
+    assert gate["steps"] == report["policies"]["margin"]["steps"] and gate["escapes"] == 0
     # always verifies every step (its prefill is canonical, so the first step needs no verification).
     always = report["policies"]["always"]
     assert always["verified"] >= always["steps"] - 3 * NUM_PROMPTS
@@ -371,6 +454,7 @@ def bad_argument_cases(tiny) -> list[list[str]]:
         ["flips", "--model", model, "--prompts", prompts, "--batch-sizes", "1"],
         ["flips", "--model", model, "--prompts", prompts, "--json", "/no/such/dir/x.json"],
         ["calibrate", "--safety-factor", "0"],
+        ["calibrate", "--safety-factor", "1"],
         ["bench", "--bench-dir", str(tiny["root"])],
     ]
 

@@ -232,17 +232,140 @@ def flip_report(
     }
 
 
+def gate_counts(
+    runs: dict[int, dict[str, Any]], canonical: list[list[int]], candidates: Sequence[float] = ()
+) -> dict[str, Any]:
+    """Flips, triggers and escapes of the gate from ``margin`` runs with margins recorded (a
+    ``decode_config`` result per batch size, all at one threshold) and the canonical tokens of the
+    same prompts. Per step of a row still decoding:
+
+    - flip: the fast path's token differs from the canonical one. A verified step shows it (a
+      repair, with its fast margin); a flip the gate passed (an escape) shows as a token that
+      differs from the canonical tokens, its margin the recorded one at that step.
+    - for every candidate threshold t (at most the decoding threshold): ``trigger_rate``, the
+      steps whose fast margin is below t (NaN included; step 0 comes from the canonical prefill
+      and is never gated), and ``escapes``, the flips whose fast margin is >= t: exact for t below
+      the decoding threshold too, since every step with a margin in [t, threshold) was verified.
+    """
+    steps, margins, flip_margins, mismatched, configs = 0, [], [], [], {}
+    for b, run in runs.items():
+        per_row = run["stats"]["per_row"]
+        c_steps = sum(r["steps"] for r in per_row)
+        steps += c_steps
+        for i, row in enumerate(per_row):
+            flip_margins += row["repair_margins"]
+            recorded = run["margins"][i][: row["steps"]]
+            margins += recorded[1:]
+            d = first_difference(run["sequences"][i], canonical[i])
+            if d is not None:
+                m = recorded[d] if d < len(recorded) else math.nan
+                mismatched.append({"config": config_name(b), "batch_size": b, "prompt": i, "step": d, "margin": m})
+        configs[config_name(b)] = {
+            "steps": c_steps,
+            "triggered": run["stats"]["triggered"],
+            "verified": run["stats"]["verified"],
+            "repairs": run["stats"]["repairs"],
+            "seconds": run["seconds"],
+            "identical_to_canonical": sum(1 for i, s in enumerate(run["sequences"]) if s == canonical[i]),
+        }
+    flip_margins += [e["margin"] for e in mismatched]
+    finite = [m for m in flip_margins if not math.isnan(m)]
+    first = next(iter(runs.values()))["sequences"]
+    counts = {
+        "steps": steps,
+        "flips": len(flip_margins),
+        "flip_rate": len(flip_margins) / steps if steps else 0.0,
+        "flip_margins": sorted(finite),
+        "max_flip_margin": max(finite, default=None),
+        "end_to_end_mismatches": mismatched,
+        "cross_config_divergences": sum(
+            1 for i in range(len(first)) if any(run["sequences"][i] != first[i] for run in runs.values())
+        ),
+        "configs": configs,
+        "step_margins": margins,
+    }
+    return {**counts, "candidates": [gate_at(counts, t) for t in candidates]}
+
+
+def gate_at(counts: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """What a gate at ``threshold`` does on the steps of ``gate_counts``: its trigger rate, the
+    flips it lets through (``escapes``: fast margin >= threshold) and its triggers per flip."""
+    triggers = sum(1 for m in counts["step_margins"] if not m >= threshold)
+    flips = counts["flips"]
+    return {
+        "threshold": threshold,
+        "trigger_rate": triggers / counts["steps"] if counts["steps"] else 0.0,
+        "escapes": sum(1 for m in counts["flip_margins"] if m >= threshold)
+        + sum(1 for e in counts["end_to_end_mismatches"] if math.isnan(e["margin"])),
+        "triggers_per_flip": triggers / flips if flips else math.inf,
+    }
+
+
+def gate_report(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_sizes: Sequence[int],
+    max_new_tokens: int,
+    probe_threshold: float,
+    candidates: Sequence[float] = (),
+    eos: Sequence[int] = (),
+    pad_id: int = 0,
+    sampling: dict[str, Any] | None = None,
+    on_run: Callable[[str], None] | None = None,
+    keep_runs: bool = False,
+) -> dict[str, Any]:
+    """``gate_counts`` of ``margin`` at ``probe_threshold`` in every configuration, against the
+    canonical tokens (``invariant``, batch-invariant by construction, decoded once in the largest
+    batch). ``keep_runs``: also return the ``decode_config`` results per batch size (``runs``)."""
+    common = dict(max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, sampling=sampling)
+    started = time.perf_counter()
+    if on_run is not None:
+        on_run(f"canonical tokens, {config_name(max(batch_sizes))}")
+    canonical = decode_config(model, prompts, policy="invariant", batch_size=max(batch_sizes), **common)
+    runs = {}
+    for b in batch_sizes:
+        if on_run is not None:
+            on_run(f"margin at {probe_threshold:g}, {config_name(b)}")
+        runs[b] = decode_config(
+            model, prompts, policy="margin", batch_size=b, threshold=probe_threshold, record_margins=True, **common
+        )
+    counts = gate_counts(runs, canonical["sequences"], [t for t in candidates if t <= probe_threshold])
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "batch_sizes": list(batch_sizes),
+        "probe_threshold": probe_threshold,
+        **counts,
+        "seconds": time.perf_counter() - started,
+        **({"runs": runs} if keep_runs else {}),
+    }
+
+
 def calibrated_threshold(report: dict[str, Any], safety_factor: float) -> float:
-    """``safety_factor`` x the larger of the largest flip margin and the largest margin shift of a
-    ``flip_report``: the smallest threshold above everything observed, with headroom. Raises
-    ``ValueError`` when nothing was observed."""
-    observed = max(report["flip_margin_max"] or 0.0, report["margin_perturbation_max"])
-    if observed <= 0:
+    """``safety_factor`` (> 1) x the largest fast margin at which the fast token differed from the
+    canonical one in a ``gate_report`` (when every flip was at a tie, margin 0: x the smallest
+    positive margin seen instead). Raises ``ValueError`` when no flip was seen, or when the result
+    exceeds the probe threshold (steps above it were not verified: the run cannot judge it)."""
+    if safety_factor <= 1:
+        raise ValueError(f"the safety factor must be > 1 (the threshold must exceed every flip margin), got {safety_factor:g}")
+    largest = report["max_flip_margin"]
+    if largest is None:
         raise ValueError(
-            "no flips and no margin perturbation observed on the calibration set: nothing to calibrate "
+            f"no flips on the calibration set ({report['steps']} steps): nothing to calibrate "
             "(use more prompts, more tokens or larger batch sizes)"
         )
-    return safety_factor * observed
+    base = largest if largest > 0 else min((m for m in report["step_margins"] if m > 0), default=0.0)
+    threshold = safety_factor * base
+    if not threshold > 0:
+        raise ValueError("every flip and every step was at a tie (margin 0): no threshold separates them")
+    if threshold > report["probe_threshold"]:
+        raise ValueError(
+            f"threshold {threshold:.4g} (= {safety_factor:g} x the largest flip margin {base:.4g}) exceeds "
+            f"--probe-threshold {report['probe_threshold']:g}: steps above the probe were not verified, so this run "
+            "cannot judge it; raise --probe-threshold"
+        )
+    return threshold
 
 
 def increment_ratio(per_policy: dict[str, dict[str, Any]], baseline: str, policy: str) -> float | None:
@@ -353,7 +476,7 @@ def check_report(
                 on_run(f"{policy}, {config_name(b)}")
             results[policy][b] = decode_config(
                 model, prompts, policy=policy, batch_size=b, max_new_tokens=max_new_tokens, threshold=threshold,
-                window=window, eos=eos, pad_id=pad_id, record_margins=(policy == "off"), sampling=sampling,
+                window=window, eos=eos, pad_id=pad_id, record_margins=policy in ("off", "margin"), sampling=sampling,
                 speculative=speculative,
             )
     reference = batch_sizes[0]
@@ -370,6 +493,19 @@ def check_report(
     off_events = per_policy["off"]["divergences"]
     step_margins = [m for b in batch_sizes for row in results["off"][b]["margins"] for m in row]
     gated = [p for p in policies if p != "off"]
+    gate = None
+    if "margin" in results:
+        # The canonical tokens are those of an exact policy, when one ran (all its configurations agree).
+        canonical = next((results[p][reference]["sequences"] for p in ("always", "invariant") if p in results), None)
+        # Without them margin's reference configuration stands in: escapes are then only the flips
+        # that made another configuration differ from it (a lower bound).
+        counts = gate_counts(results["margin"], canonical or results["margin"][reference]["sequences"])
+        gate = {
+            "threshold": threshold,
+            "against": "canonical tokens" if canonical else f"margin's own {config_name(reference)} tokens",
+            **{k: counts[k] for k in ("steps", "flips", "flip_rate", "max_flip_margin", "end_to_end_mismatches")},
+            **gate_at(counts, per_policy["margin"]["threshold"]),
+        }
     return {
         "prompts": n,
         "max_new_tokens": max_new_tokens,
@@ -389,6 +525,7 @@ def check_report(
         "exact_failures": [
             p for p in (*EXACT_POLICIES, "speculative") if p in per_policy and not per_policy[p]["deterministic"]
         ],
+        "gate": gate,
         "off_flip_events": off_events,
         "off_margin_quantiles": quantiles(step_margins),
         "step_margins": step_margins,

@@ -27,6 +27,15 @@ POLICIES = ("off", "margin", "always", "invariant", "window")
 # Policies whose determinism is guaranteed by construction: a failure of one is a bug.
 EXACT_POLICIES = ("always", "invariant", "window")
 
+# The gate: what the threshold is compared with and what its calibration counted. A threshold file
+# names the gate it calibrated (``"gate"``); a file for another gate, or one written before gates
+# were named (calibrated on fast-path-vs-fast-path flips), is refused, never misread.
+# "fast-margin/canonical": the fast path's top-1/top-2 margin of the logits as the model returns
+# them (under sampling the noised margin and the truncation cut-off's, ``sampling.choose``),
+# calibrated on the steps where the fast token differs from the canonical one (docs/DESIGN.md,
+# "The gate").
+GATE = "fast-margin/canonical"
+
 # For a model without a shipped calibration. DESIGN.md measured first divergences at margins
 # 0.06-0.13 on Gemma 3 270M (median margin 3.4): 0.5 is 4x the largest of those.
 FALLBACK_THRESHOLD = 0.5
@@ -53,6 +62,17 @@ def load_threshold_file(text: str, source: str) -> dict[str, Any]:
     value = data.get("threshold") if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"threshold file {source} has no 'threshold' number >= 0")
+    gate = data.get("gate")
+    if gate != GATE:
+        calibrated = (
+            "names no gate (written before calibrations named their gate, from fast-path-vs-fast-path flips)"
+            if gate is None
+            else f"calibrated the gate {str(gate)[:80]!r}"
+        )
+        raise ValueError(
+            f"threshold file {source} {calibrated}; this margingate gates with {GATE!r}: re-run "
+            "`margingate calibrate` to write a threshold for it"
+        )
     return data
 
 

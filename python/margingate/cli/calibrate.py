@@ -1,48 +1,68 @@
-"""``margingate calibrate``: threshold = safety factor x the largest flip margin or margin shift
-seen on a calibration set, the trigger rate it implies, and a transfer set on which no flip may
-reach it. Writes the threshold file ``check --threshold-file`` reads."""
+"""``margingate calibrate``: the gate's threshold from the steps where the fast token differs from
+the canonical one. ``margin`` decodes the calibration set at a generous probe threshold in every
+configuration next to the canonical tokens; threshold = safety factor x the largest fast margin
+at such a flip. Reports the flip rate, the trigger rate and the escapes at that threshold on the
+calibration set and on a transfer set, and writes the threshold file (naming its gate) that
+``check --threshold-file`` reads."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
-from ..measure import calibrated_threshold, implied_trigger_rate
+from ..measure import calibrated_threshold, config_name, gate_at, gate_report
+from ..policies import GATE
 from .common import (
     EXIT_OK,
+    RunBar,
     encode,
     eos_and_pad,
     human_eval_missing,
     load_model_from_args,
+    machine_info,
     model_info,
     need_two_configs,
-    public,
     read_prompts,
+    require_canonical_forward,
     say,
 )  # fmt: skip
-from .flips import measure_flips, print_flips
 from .options import UsageError
-from .report import check_writable, fmt, pct, write_json, write_margin_plot
+from .report import check_writable, fmt, pct, print_table, write_json, write_margin_plot
 
 
-def _transfer(args, model, prompts, eos, pad, spec: str, threshold: float) -> dict[str, Any]:
-    """The transfer check: flips on a second set, and those at or above the threshold (escapes)."""
-    transfer = measure_flips(args, model, prompts, eos, pad, f" (transfer set: {spec})")
-    print_flips(transfer, f" (transfer set: {spec})")
-    escaped = [e for e in transfer["flip_events"] if not math.isnan(e["margin"]) and e["margin"] >= threshold]
-    rate = implied_trigger_rate(transfer["step_margins"], threshold)
-    print(
-        f"transfer: {transfer['flips']} flips, {len(escaped)} at or above the threshold "
-        f"({'ok' if not escaped else 'NOT COVERED'}), trigger rate {pct(rate)}"
-    )
-    return {"report": transfer, "trigger_rate": rate, "escaped": escaped}
+def _measure(args, model, prompts, eos, pad, label: str) -> dict[str, Any]:
+    """``measure.gate_report`` of one prompt set at ``--probe-threshold``, with a progress bar."""
+    with RunBar(args, len(args.batch_sizes) + 1, f"calibrate ({label})") as bar:
+        return gate_report(
+            model, prompts, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
+            probe_threshold=args.probe_threshold, eos=eos, pad_id=pad, on_run=bar.on_run,
+        )  # fmt: skip
+
+
+def _row(label: str, report: dict[str, Any], at: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "set": label,
+        "steps": report["steps"],
+        "flips": report["flips"],
+        "flip rate": pct(report["flip_rate"]),
+        "largest flip margin": fmt(report["max_flip_margin"]),
+        "trigger rate": pct(at["trigger_rate"]),
+        "escapes": at["escapes"],
+        "triggers per flip": f"{at['triggers_per_flip']:.1f}",
+    }
+
+
+def _saved(report: dict[str, Any], prompt_set: str, at: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v for k, v in report.items() if k != "step_margins"}
+    return {"prompt_set": prompt_set, **kept, "trigger_rate": at["trigger_rate"], "escapes": at["escapes"]}
 
 
 def run(args: argparse.Namespace) -> int:
     for path, what in ((args.json, "--json"), (args.plot, "--plot"), (args.output, "--output")):
         check_writable(path, what)
     need_two_configs(args)
+    if args.safety_factor <= 1:
+        raise UsageError(f"--safety-factor must be > 1 (the threshold must exceed every flip margin), got {args.safety_factor:g}")
     raw_prompts = read_prompts(args.prompts, args.limit)
     transfer_spec = args.transfer_prompts
     raw_transfer = None
@@ -51,46 +71,56 @@ def run(args: argparse.Namespace) -> int:
             transfer_spec = "chat"
         raw_transfer = read_prompts(transfer_spec, args.limit)
     model, tokenizer, name = load_model_from_args(args)
+    require_canonical_forward(model, "; calibration compares the fast path with the canonical tokens")
     prompts = encode(raw_prompts, tokenizer, model)
     transfer_prompts = None if raw_transfer is None else encode(raw_transfer, tokenizer, model)
     eos, pad = eos_and_pad(model, tokenizer)
 
-    calibration = measure_flips(args, model, prompts, eos, pad, " (calibration set)")
-    print_flips(calibration, " (calibration set)")
+    calibration = _measure(args, model, prompts, eos, pad, "calibration set")
     try:
         threshold = calibrated_threshold(calibration, args.safety_factor)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    implied = implied_trigger_rate(calibration["step_margins"], threshold)
+    at = gate_at(calibration, threshold)
+    rows = [_row(f"calibration ({args.prompts})", calibration, at)]
     result: dict[str, Any] = {
         "command": "calibrate",
+        "gate": GATE,
         "threshold": threshold,
         "safety_factor": args.safety_factor,
-        "max_flip_margin": calibration["flip_margin_max"],
-        "max_margin_perturbation": calibration["margin_perturbation_max"],
-        "trigger_rate": implied,
+        "probe_threshold": args.probe_threshold,
+        "max_flip_margin": calibration["max_flip_margin"],
+        "flip_rate": calibration["flip_rate"],
+        "trigger_rate": at["trigger_rate"],
         "model": model_info(model, name, args.dtype),
-        "calibration": {"prompt_set": args.prompts, **public(calibration)},
+        "machine": machine_info(),
+        "calibration": _saved(calibration, args.prompts, at),
         "transfer": None,
         "transfer_ok": None,
     }
-    print(
-        f"\nthreshold = {args.safety_factor:g} x max(largest flip margin {fmt(calibration['flip_margin_max'])}, "
-        f"largest margin shift {fmt(calibration['margin_perturbation_max'])}) = {threshold:.4g}"
-    )
-    print(f"implied trigger rate on the calibration set: {pct(implied)}")
     plot_flips, plot_steps = list(calibration["flip_margins"]), list(calibration["step_margins"])
     if transfer_prompts is not None:
-        t = _transfer(args, model, transfer_prompts, eos, pad, transfer_spec, threshold)
-        result["transfer"] = {
-            "prompt_set": transfer_spec,
-            **public(t["report"]),
-            "trigger_rate": t["trigger_rate"],
-            "escaped_flips": len(t["escaped"]),
-        }
-        result["transfer_ok"] = not t["escaped"]
-        plot_flips += t["report"]["flip_margins"]
-        plot_steps += t["report"]["step_margins"]
+        transfer = _measure(args, model, transfer_prompts, eos, pad, f"transfer set: {transfer_spec}")
+        t_at = gate_at(transfer, threshold)
+        rows.append(_row(f"transfer ({transfer_spec})", transfer, t_at))
+        result["transfer"] = _saved(transfer, transfer_spec, t_at)
+        result["transfer_ok"] = t_at["escapes"] == 0
+        plot_flips += transfer["flip_margins"]
+        plot_steps += transfer["step_margins"]
+
+    configs = ", ".join(config_name(b) for b in args.batch_sizes)
+    print(
+        f"\ngate {GATE}: {args.prompts} prompts x {args.max_new_tokens} new tokens, configurations {configs}; "
+        f"flips = steps whose fast token differs from the canonical one (margin at {args.probe_threshold:g})"
+    )
+    print(
+        f"threshold = {args.safety_factor:g} x the largest flip margin {fmt(calibration['max_flip_margin'])} "
+        f"= {threshold:.4g}"
+    )
+    print_table(rows)
+    if result["transfer"] is not None:
+        escapes = result["transfer"]["escapes"]
+        print(f"transfer: {escapes} flips at or above the threshold ({'ok' if not escapes else 'NOT COVERED'})")
     write_json(args.output, result)
     print(f"threshold file written to {args.output} (use: margingate check --threshold-file {args.output})")
     write_json(args.json, result)

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..measure import check_report, config_name
-from ..policies import EXACT_POLICIES, POLICIES, default_threshold
+from ..policies import EXACT_POLICIES, GATE, POLICIES, default_threshold
 from ..sampling import Sampling
 from .common import (
     EXIT_FAILURE,
@@ -99,6 +99,18 @@ def advice_line(report: dict[str, Any], timed: list[str]) -> str | None:
     return line
 
 
+def gate_line(gate: dict[str, Any] | None) -> str | None:
+    """The gate's three numbers on this run: flips (fast token != the canonical one, per step),
+    trigger rate, and escapes (flips the gate let through, at or above the threshold)."""
+    if gate is None:
+        return None
+    return (
+        f"gate {GATE} at {gate['threshold']:.4g}: {gate['flips']} flips in {gate['steps']} margin steps "
+        f"(flip rate {pct(gate['flip_rate'])}, against {gate['against']}), trigger rate {pct(gate['trigger_rate'])}, "
+        f"escapes {gate['escapes']}" + ("" if gate["escapes"] == 0 else " (flips at or above the threshold: NOT COVERED)")
+    )
+
+
 def _print_verdicts(report: dict[str, Any], n: int) -> None:
     per_policy = report["policies"]
     off = per_policy["off"]
@@ -142,6 +154,9 @@ def _print_report(args, report: dict[str, Any], name: str, n: int, threshold: fl
             f"{e['tokens_per_pass']:.2f} tokens per verifier pass"
         )
     _print_verdicts(report, n)
+    line = gate_line(report.get("gate"))
+    if line:
+        print(line)
     advice = advice_line(report, list(dict.fromkeys(["off", *args.policies])))
     if advice:
         print(advice)

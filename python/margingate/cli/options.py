@@ -27,6 +27,7 @@ CHECK_POLICIES = ("off", "margin", "always")  # --policies adds the others of ma
 # trigger rates (15-19 %) leave similar headroom.
 DEFAULT_SAFETY_FACTOR = 2.0
 DEFAULT_THRESHOLD_FILE = "margingate-threshold.json"
+DEFAULT_PROBE_THRESHOLD = 1.0
 DEFAULT_WINDOW = 64  # LLM-42's default; margingate.generation.DEFAULT_WINDOW is the same value
 DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 PROMPTS_HELP = (
@@ -259,11 +260,13 @@ def _flips(sub) -> None:
 def _calibrate(sub) -> None:
     cal = sub.add_parser(
         "calibrate",
-        help="choose the margin threshold from observed flips; check it on a second prompt set",
-        description="Measures fast-path flips on a calibration set and sets threshold = safety factor x the "
-        "largest flip margin or margin perturbation seen (the smallest threshold above every "
-        "observed flip, with headroom), reports the trigger rate it implies, and checks on a "
-        "transfer set that no flip there escapes it. Saves a file for --threshold-file.",
+        help="choose the margin threshold from the fast path's flips against the canonical tokens",
+        description="Decodes the calibration set with `margin` at a generous --probe-threshold in every "
+        "configuration next to the canonical tokens, counts the steps whose fast token differs from the "
+        "canonical one (flips, each with its fast margin), and sets threshold = safety factor x the largest "
+        "flip margin. Reports the flip rate, the trigger rate and the escapes (flips at or above the "
+        "threshold) on the calibration set and on a transfer set, and saves a file for --threshold-file "
+        "that names the gate it calibrated.",
     )
     add_model_group(cal)
     add_prompt_group(cal, prompts_help=PROMPTS_HELP + " (calibration set; default: all)")
@@ -275,7 +278,12 @@ def _calibrate(sub) -> None:
     )  # fmt: skip
     cal.add_argument(
         "--safety-factor", type=positive_float, default=DEFAULT_SAFETY_FACTOR, metavar="F",
-        help=f"multiplier on the largest observed flip margin (default {DEFAULT_SAFETY_FACTOR})",
+        help=f"multiplier (> 1) on the largest observed flip margin (default {DEFAULT_SAFETY_FACTOR})",
+    )  # fmt: skip
+    cal.add_argument(
+        "--probe-threshold", type=positive_float, default=DEFAULT_PROBE_THRESHOLD, metavar="T",
+        help="threshold `margin` decodes with while measuring: every step below it is verified, so the flips "
+        f"below it are all seen; the threshold found must not exceed it (default {DEFAULT_PROBE_THRESHOLD})",
     )  # fmt: skip
     cal.add_argument(
         "--output", "-o", metavar="PATH", default=DEFAULT_THRESHOLD_FILE,

@@ -1,0 +1,255 @@
+"""The gate at scale: flip rate, trigger rate and escapes of MarginGate's threshold (issue 28).
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python python -m bench.python.bench_gate \
+        [--sets sharegpt,all] [--modes greedy,seeded] [--prompts 80] [--tokens 48] \
+        [--batch-sizes 1,8,16] [--threshold 0.75] [--candidates 0.125,0.25,...] [--json PATH] [--quick]
+
+For every prompt set and decoding mode (greedy; seeded sampling at T = 0.7, top_k = 50) this
+decodes the prompts with ``margin`` at ``--threshold`` in every batch configuration (alone in
+order, then shuffled batches) and once with ``invariant`` (the canonical tokens; batch-invariant
+by construction, so decoded in the largest batch). What it counts, per step of a row that is
+still decoding:
+
+- flip: the fast path's token differs from the canonical one at that step. Every verified step
+  shows whether it flipped (a repair); a flip at a step the gate passed is an escape.
+- trigger: the gate fired (fast margin below the threshold, or NaN).
+- escape at threshold t: a flip whose fast margin is >= t. At ``--threshold`` itself it shows up
+  as a repair of a row replayed only because another row was (the piggyback) or as a token that
+  differs from the canonical tokens; for every candidate t below ``--threshold`` it is exact from
+  the same run: the steps with a margin in [t, threshold) were verified, so their flips are
+  known. Candidates above ``--threshold`` cannot be judged from this run and are refused.
+
+Sharper gates are judged on the same steps and flips (greedy only; ``--no-signals`` skips them):
+at every fast step the bench also records, per row, (a) the fp32 margin: the final hidden state
+dotted in fp32 with the lm head rows of the 16 best bf16 candidates (top-1 by fp32 minus the best
+other candidate, or the 16th candidate's bf16 value plus half an ulp, whichever is larger: the
+margin before the lm head rounds to bf16), and (b) the bf16 margin in units of the bf16 ulp at the
+top logit's magnitude. A gate on either signal at t verifies the steps below t; its escapes are
+the flips whose signal is >= t.
+
+Prints one table per set, mode and signal (candidate threshold -> trigger rate, escapes, triggers
+per flip) and the end-to-end check at ``--threshold``: prompts whose tokens differ from the
+canonical tokens or between configurations. ``--json`` keeps every count and every flip's margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+DEFAULT_CANDIDATES = (0.125, 0.1875, 0.25, 0.375, 0.5, 0.625, 0.75)
+FP32_CANDIDATES = (0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5)
+ULP_CANDIDATES = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+FP32_CANDIDATE_TOKENS = 16
+SEEDED = {"temperature": 0.7, "top_k": 50, "seed": 0}
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return parse
+
+
+class Signals:
+    """Alternative gate signals at every fast step of ``margin`` (see the module docstring), kept per
+    processor (one per batch) and step: ``values[k][step]`` is a [B, 2] tensor (fp32 margin, margin
+    in ulps) of the k-th batch decoded."""
+
+    def __init__(self, model) -> None:
+        import margingate.processor as processor
+
+        self.weight = model.get_output_embeddings().weight
+        self.hidden = None
+        self.batches: list[Any] = []
+        self.values: list[list[torch.Tensor]] = []
+        model.get_output_embeddings().register_forward_hook(self._hook)
+        original = processor.MarginGateProcessor.decide
+        signals = self
+
+        def decide(proc, input_ids, scores):
+            if not signals.batches or signals.batches[-1] is not proc:
+                signals.batches.append(proc)
+                signals.values.append([])
+            signals.values[-1].append(signals._signals(scores.float(), signals.hidden))
+            return original(proc, input_ids, scores)
+
+        processor.MarginGateProcessor.decide = decide
+
+    def _hook(self, module, inputs, output) -> None:
+        self.hidden = inputs[0][:, -1].float()  # the fast forward's, when decide runs (verification comes after)
+
+    def _signals(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        top, idx = logits.topk(FP32_CANDIDATE_TOKENS, dim=-1)
+        exact = torch.einsum("bk,bnk->bn", hidden, self.weight[idx].float())
+        best = exact.argmax(dim=-1, keepdim=True)
+        others = exact.scatter(1, best, -torch.inf).amax(dim=-1)
+        ulp_top = torch.exp2(torch.floor(torch.log2(top[:, 0].abs().clamp_min(1e-30))) - 7)
+        last = top[:, -1]
+        bound = last + torch.exp2(torch.floor(torch.log2(last.abs().clamp_min(1e-30))) - 8)
+        fp32 = exact.gather(1, best)[:, 0] - torch.maximum(others, bound)
+        ulps = (top[:, 0] - top[:, 1]) / ulp_top
+        return torch.stack([fp32, ulps], dim=1)
+
+    def take(self, n_prompts: int, batch_size: int) -> list[list[torch.Tensor]]:
+        """The signals recorded since the last ``take``, per prompt (prompt order) and step."""
+        from margingate.measure import config_order
+
+        order = config_order(n_prompts, batch_size)
+        per_prompt: list[list[torch.Tensor]] = [[] for _ in range(n_prompts)]
+        for k, steps in enumerate(self.values):
+            for r, i in enumerate(order[k * batch_size : (k + 1) * batch_size]):
+                per_prompt[i] = [v[r] for v in steps]
+        self.batches, self.values = [], []
+        return per_prompt
+
+
+def signal_table(report, signals: dict[int, list[list[torch.Tensor]]], column: int, candidates) -> list[dict[str, Any]]:
+    """Trigger rate and escapes of a gate on signal ``column`` over the steps and flips of ``report``."""
+    values, flips = [], []
+    for b, per_prompt in signals.items():
+        rows = report["runs"][b]["stats"]["per_row"]
+        for i, steps in enumerate(per_prompt):
+            seen = [float(v[column]) for v in steps[: rows[i]["steps"]]]
+            values += seen[1:]
+            flips += [seen[s] for s in rows[i]["repair_steps"] if s < len(seen)]
+        flips += [seen_at(per_prompt, e, column) for e in report["end_to_end_mismatches"] if e["batch_size"] == b]
+    out = []
+    for t in candidates:
+        triggers = sum(1 for v in values if not v >= t)
+        out.append(
+            {
+                "threshold": t,
+                "trigger_rate": triggers / report["steps"],
+                "escapes": sum(1 for v in flips if not v < t),
+                "triggers_per_flip": triggers / len(flips) if flips else float("inf"),
+            }
+        )
+    return out
+
+
+def _batch_of(label: str) -> int:
+    """The batch size a ``gate_report`` run label names ("..., alone" or "..., batch 8")."""
+    tail = label.rsplit(", ", 1)[-1]
+    return 1 if tail == "alone" else int(tail.removeprefix("batch "))
+
+
+def seen_at(per_prompt, event, column: int) -> float:
+    steps = per_prompt[event["prompt"]]
+    return float(steps[event["step"]][column]) if event["step"] < len(steps) else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", type=_csv(str), default=["sharegpt", "all"], help="prompt sets (default sharegpt,all)")
+    parser.add_argument("--modes", type=_csv(str), default=["greedy", "seeded"], help="greedy and/or seeded")
+    parser.add_argument("--prompts", type=int, default=80, help="prompts per set (default 80)")
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per prompt (default 48)")
+    parser.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 16], help="configurations (default 1,8,16)")
+    parser.add_argument("--threshold", type=float, default=0.75, help="the threshold decoded with (default 0.75)")
+    parser.add_argument("--candidates", type=_csv(float), default=list(DEFAULT_CANDIDATES), help="thresholds judged")
+    parser.add_argument("--json", metavar="PATH", help="write every count as JSON")
+    parser.add_argument("--no-signals", action="store_true", help="judge the bf16 margin gate only")
+    parser.add_argument("--quick", action="store_true", help="4 prompts x 8 tokens, one set, greedy (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sets, args.modes, args.prompts, args.tokens, args.batch_sizes = ["all"], ["greedy"], 4, 8, [1, 4]
+    bad = [m for m in args.modes if m not in ("greedy", "seeded")]
+    if bad or len(args.batch_sizes) < 2 or any(b < 1 for b in args.batch_sizes):
+        parser.error("--modes takes greedy,seeded; --batch-sizes needs two or more sizes >= 1")
+    above = [t for t in args.candidates if t > args.threshold]
+    if above:
+        parser.error(f"--candidates {above} exceed --threshold {args.threshold}: this run cannot judge them")
+
+    import margingate
+    from margingate.batching import encode_prompts
+    from margingate.cli.report import print_table, write_json
+    from margingate.measure import gate_report
+    from margingate.prompt_sets import resolve
+
+    from .harness import run_header
+
+    print(run_header())
+    model, tokenizer = margingate.load_default_model(progress=False)
+    signals = None if args.no_signals else Signals(model)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: dict[str, Any] = {"threshold": args.threshold, "batch_sizes": args.batch_sizes, "tokens": args.tokens}
+    started = time.perf_counter()
+    encoded = {
+        name: encode_prompts(resolve(name)[: args.prompts], tokenizer, margingate.hf_compat.vocab_size(model), name)
+        for name in args.sets
+    }
+    for mode in args.modes:
+        for name, prompts in encoded.items():
+            sampling = dict(SEEDED) if mode == "seeded" else None
+            print(f"\n{name}, {mode}: {len(prompts)} prompts x {args.tokens} tokens", flush=True)
+            recorded: dict[int, list[list[torch.Tensor]]] = {}
+            labels: list[str] = []
+
+            def on_run(label: str, prompts=prompts, recorded=recorded, labels=labels) -> None:
+                if labels:  # the previous run is complete: keep its signals (margin runs) or drop them
+                    finish(labels[-1], len(prompts), recorded)
+                labels.append(label)
+                print(f"  {label} ...", flush=True)
+
+            def finish(label: str, n: int, recorded: dict) -> None:
+                b = _batch_of(label)
+                per_prompt = signals.take(n, b) if signals else None
+                if per_prompt is not None and label.startswith("margin"):
+                    recorded[b] = per_prompt
+
+            table = gate_report(
+                model, prompts, batch_sizes=args.batch_sizes, max_new_tokens=args.tokens, probe_threshold=args.threshold,
+                candidates=args.candidates, eos=eos, pad_id=pad, sampling=sampling, on_run=on_run, keep_runs=True,
+            )  # fmt: skip
+            finish(labels[-1], len(prompts), recorded)
+            if signals and mode == "greedy":
+                table["signals"] = {
+                    "fp32 margin": signal_table(table, recorded, 0, FP32_CANDIDATES),
+                    "margin in ulps": signal_table(table, recorded, 1, ULP_CANDIDATES),
+                }
+            table.pop("step_margins")
+            table.pop("runs")
+            results[f"{name}/{mode}"] = table
+            print(
+                f"{name}, {mode}: {table['steps']} decode steps in {len(args.batch_sizes)} configurations, {table['flips']} flips "
+                f"(flip rate {100 * table['flip_rate']:.2f} %), largest flip margin {table['max_flip_margin']}, "
+                f"end to end at {args.threshold:g}: {len(table['end_to_end_mismatches'])} (prompt, configuration) pairs "
+                f"differ from the canonical tokens, {table['cross_config_divergences']} prompts differ between configurations"
+            )
+            for signal, rows in {"bf16 margin (the gate)": table["candidates"], **table.get("signals", {})}.items():
+                print(f"gate on the {signal}:")
+                print_table(
+                    [
+                        {
+                            "threshold": r["threshold"],
+                            "trigger rate": f"{100 * r['trigger_rate']:.2f} %",
+                            "escapes": r["escapes"],
+                            "triggers per flip": f"{r['triggers_per_flip']:.1f}",
+                        }
+                        for r in rows
+                    ]
+                )
+            if args.json:  # after every set and mode: a long study keeps what it measured
+                write_json(args.json, results)
+    results["seconds"] = time.perf_counter() - started
+    print(f"\ntotal {results['seconds']:.0f} s")
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
