@@ -115,7 +115,12 @@ class Signals:
 
 
 def signal_table(report, signals: dict[int, list[list[torch.Tensor]]], column: int, candidates) -> list[dict[str, Any]]:
-    """Trigger rate and escapes of a gate on signal ``column`` over the steps and flips of ``report``."""
+    """``measure.gate_at`` for a gate on signal ``column``: the same steps and flips as ``report``
+    (its repairs and its tokens that differ from the canonical ones), judged by that signal."""
+    import math
+
+    from margingate.measure import gate_at
+
     values, flips = [], []
     for b, per_prompt in signals.items():
         rows = report["runs"][b]["stats"]["per_row"]
@@ -124,18 +129,14 @@ def signal_table(report, signals: dict[int, list[list[torch.Tensor]]], column: i
             values += seen[1:]
             flips += [seen[s] for s in rows[i]["repair_steps"] if s < len(seen)]
         flips += [seen_at(per_prompt, e, column) for e in report["end_to_end_mismatches"] if e["batch_size"] == b]
-    out = []
-    for t in candidates:
-        triggers = sum(1 for v in values if not v >= t)
-        out.append(
-            {
-                "threshold": t,
-                "trigger_rate": triggers / report["steps"],
-                "escapes": sum(1 for v in flips if not v < t),
-                "triggers_per_flip": triggers / len(flips) if flips else float("inf"),
-            }
-        )
-    return out
+    counts = {
+        "steps": report["steps"],
+        "step_margins": values,
+        "flips": len(flips),
+        "flip_margins": [v for v in flips if not math.isnan(v)],
+        "end_to_end_mismatches": [{"margin": v} for v in flips if math.isnan(v)],  # unjudged: counted as escapes
+    }
+    return [gate_at(counts, t) for t in candidates]
 
 
 def _batch_of(label: str) -> int:

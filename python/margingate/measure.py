@@ -342,13 +342,18 @@ def gate_report(
     }
 
 
+def check_safety_factor(safety_factor: float) -> None:
+    """Raises ``ValueError`` unless ``safety_factor`` > 1 (a threshold must exceed every flip margin)."""
+    if not safety_factor > 1:
+        raise ValueError(f"the safety factor must be > 1 (the threshold must exceed every flip margin), got {safety_factor:g}")
+
+
 def calibrated_threshold(report: dict[str, Any], safety_factor: float) -> float:
     """``safety_factor`` (> 1) x the largest fast margin at which the fast token differed from the
     canonical one in a ``gate_report`` (when every flip was at a tie, margin 0: x the smallest
     positive margin seen instead). Raises ``ValueError`` when no flip was seen, or when the result
     exceeds the probe threshold (steps above it were not verified: the run cannot judge it)."""
-    if safety_factor <= 1:
-        raise ValueError(f"the safety factor must be > 1 (the threshold must exceed every flip margin), got {safety_factor:g}")
+    check_safety_factor(safety_factor)
     largest = report["max_flip_margin"]
     if largest is None:
         raise ValueError(
@@ -501,7 +506,6 @@ def check_report(
         # that made another configuration differ from it (a lower bound).
         counts = gate_counts(results["margin"], canonical or results["margin"][reference]["sequences"])
         gate = {
-            "threshold": threshold,
             "against": "canonical tokens" if canonical else f"margin's own {config_name(reference)} tokens",
             **{k: counts[k] for k in ("steps", "flips", "flip_rate", "max_flip_margin", "end_to_end_mismatches")},
             **gate_at(counts, per_policy["margin"]["threshold"]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..measure import calibrated_threshold, config_name, gate_at, gate_report
+from ..measure import calibrated_threshold, check_safety_factor, config_name, gate_at, gate_report
 from ..policies import GATE
 from .common import (
     EXIT_OK,
@@ -61,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
     for path, what in ((args.json, "--json"), (args.plot, "--plot"), (args.output, "--output")):
         check_writable(path, what)
     need_two_configs(args)
-    if args.safety_factor <= 1:
-        raise UsageError(f"--safety-factor must be > 1 (the threshold must exceed every flip margin), got {args.safety_factor:g}")
+    try:
+        check_safety_factor(args.safety_factor)  # before the model loads
+    except ValueError as err:
+        raise UsageError(f"--safety-factor: {err}") from None
     raw_prompts = read_prompts(args.prompts, args.limit)
     transfer_spec = args.transfer_prompts
     raw_transfer = None
