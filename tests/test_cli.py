@@ -182,6 +182,11 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     assert 0.0 < saved["trigger_rate"] <= 1.0 and saved["flip_rate"] == cal["flips"] / cal["steps"]
     # Same prompts for the transfer check: the threshold covers them by construction.
     assert saved["transfer"]["escapes"] == 0 and saved["transfer_ok"] is True
+    # Where the flips sit: the bands hold every flip and every gated step below the probe.
+    bands = cal["margin_bands"]
+    assert sum(b["flips"] for b in bands) == cal["flips"] and bands[-1]["below"] == 100
+    assert sum(b["steps"] for b in bands) == round(cal["steps"] - cal["prompts"] * len(cal["batch_sizes"]))
+    assert "flips / steps by fast margin" in out
     read_png(png)
 
     check_json = tmp_path / "check.json"
@@ -221,6 +226,20 @@ def test_gate_counts_flips_triggers_and_escapes():
     assert by_t[0.25]["escapes"] == 2 and by_t[0.25]["trigger_rate"] == pytest.approx(2 / 12)
     assert by_t[1.0]["escapes"] == 1 and by_t[1.0]["trigger_rate"] == pytest.approx(4 / 12)
     assert by_t[2.0]["escapes"] == 0 and by_t[2.0]["triggers_per_flip"] == pytest.approx(5 / 4)
+
+
+def test_margin_bands_place_each_flip_and_bound_the_empty_bands():
+    """``margin_bands`` by hand: ties are a band of their own, a band holds the margins in [from,
+    below), and a band without flips gets the 95 % bound 1 - 0.05^(1/steps) (none with a flip)."""
+    counts = {"step_margins": [0.0, 0.0, 0.125, 0.125, 0.13, 0.3, 0.3, 0.9], "flip_margins": [0.0, 0.125]}
+    bands = {(b["from"], b["below"]): b for b in measure.margin_bands(counts, upto=1.0)}
+    assert list(bands)[:3] == [(0.0, 0.0), (0.0, 0.0625), (0.0625, 0.125)] and list(bands)[-1] == (0.75, 1.0)
+    assert bands[(0.0, 0.0)]["steps"] == 2 and bands[(0.0, 0.0)]["flip_rate"] == 0.5
+    assert bands[(0.0, 0.0)]["upper_95"] is None and bands[(0.0, 0.0625)]["steps"] == 0
+    assert bands[(0.125, 0.1875)]["steps"] == 3 and bands[(0.125, 0.1875)]["flips"] == 1
+    assert bands[(0.25, 0.375)]["flips"] == 0 and bands[(0.25, 0.375)]["upper_95"] == pytest.approx(1 - 0.05**0.5)
+    assert sum(b["steps"] for b in bands.values()) == 8
+    assert measure.margin_bands(counts, upto=0.2)[-1]["below"] == 0.2  # the last band ends at the probe
 
 
 def test_gate_report_sees_escapes_of_a_low_threshold(tiny):

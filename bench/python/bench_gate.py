@@ -19,13 +19,26 @@ still decoding:
   the same run: the steps with a margin in [t, threshold) were verified, so their flips are
   known. Candidates above ``--threshold`` cannot be judged from this run and are refused.
 
-Sharper gates are judged on the same steps and flips (greedy only; ``--no-signals`` skips them):
-at every fast step the bench also records, per row, (a) the fp32 margin: the final hidden state
-dotted in fp32 with the lm head rows of the 16 best bf16 candidates (top-1 by fp32 minus the best
-other candidate, or the 16th candidate's bf16 value plus half an ulp, whichever is larger: the
-margin before the lm head rounds to bf16), and (b) the bf16 margin in units of the bf16 ulp at the
-top logit's magnitude. A gate on either signal at t verifies the steps below t; its escapes are
-the flips whose signal is >= t.
+Sharper gates are judged on the same steps and flips (greedy only; ``--no-signals`` skips them).
+At every fast step the bench also records, per row, from the final hidden state h (the lm head's
+input) and the lm head rows w1, w2 of the top two bf16 candidates:
+
+- fp32 margin: h dotted in fp32 with the lm head rows of the 16 best bf16 candidates (top-1 by fp32
+  minus the best other candidate, or the 16th candidate's bf16 value plus half an ulp, whichever is
+  larger): the margin before the lm head rounds to bf16;
+- margin in ulps: the bf16 margin in units of the bf16 ulp at the top logit's magnitude;
+- the bf16 margin divided by a predicted size of the fast-vs-canonical shift of that margin,
+  (w1 - w2) . dh, under three models of the hidden-state error dh: isotropic (|w1 - w2| |h|),
+  per component relative to h (|(w1 - w2) * h|), or shaped by the final norm's weight g
+  (|(w1 - w2) * g|, g = the norm of a vector of ones: its elementwise scale); and a blend, the
+  margin over the square root of the relative model's scale.
+
+A gate on a signal at t verifies the steps below t; its escapes are the flips whose signal is >= t.
+Signals in their own units are judged at fixed candidates; every signal (the bf16 margin too) is
+also judged at 1, 1.5 and 2 times its largest flip value on the set, and that threshold carried
+to the other prompt set of the same mode (``transfer``): the comparison that does not depend on a
+signal's units. Each set also gets a table of flips / steps per band of fast margin
+(``measure.margin_bands``).
 
 Prints one table per set, mode and signal (candidate threshold -> trigger rate, escapes, triggers
 per flip) and the end-to-end check at ``--threshold``: prompts whose tokens differ from the
@@ -45,6 +58,17 @@ DEFAULT_CANDIDATES = (0.125, 0.1875, 0.25, 0.375, 0.5, 0.625, 0.75)
 FP32_CANDIDATES = (0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5)
 ULP_CANDIDATES = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
 FP32_CANDIDATE_TOKENS = 16
+RELATIVE_FACTORS = (1.0, 1.5, 2.0)
+# Recorded per step and row by Signals (column order), with the fixed candidates of those in units.
+SIGNALS = (
+    ("bf16 margin", None),
+    ("fp32 margin", FP32_CANDIDATES),
+    ("margin in ulps", ULP_CANDIDATES),
+    ("margin / (|w1-w2| |h|)", None),
+    ("margin / |(w1-w2) * h|", None),
+    ("margin / |(w1-w2) * g|", None),
+    ("margin / sqrt|(w1-w2) * h|", None),
+)
 SEEDED = {"temperature": 0.7, "top_k": 50, "seed": 0}
 
 
@@ -64,12 +88,14 @@ def _csv(kind):
 class Signals:
     """Alternative gate signals at every fast step of ``margin`` (see the module docstring), kept per
     processor (one per batch) and step: ``values[k][step]`` is a [B, 2] tensor (fp32 margin, margin
-    in ulps) of the k-th batch decoded."""
+    in ulps, ...: ``SIGNALS``' order) of the k-th batch decoded."""
 
     def __init__(self, model) -> None:
         import margingate.processor as processor
 
         self.weight = model.get_output_embeddings().weight
+        norm = model.get_decoder().norm  # the final norm: its output of a vector of ones is its scale
+        self.norm_scale = norm(torch.ones(1, self.weight.shape[1], dtype=self.weight.dtype)).float()[0]
         self.hidden = None
         self.batches: list[Any] = []
         self.values: list[list[torch.Tensor]] = []
@@ -98,8 +124,13 @@ class Signals:
         last = top[:, -1]
         bound = last + torch.exp2(torch.floor(torch.log2(last.abs().clamp_min(1e-30))) - 8)
         fp32 = exact.gather(1, best)[:, 0] - torch.maximum(others, bound)
-        ulps = (top[:, 0] - top[:, 1]) / ulp_top
-        return torch.stack([fp32, ulps], dim=1)
+        bf16 = top[:, 0] - top[:, 1]
+        ulps = bf16 / ulp_top
+        rows = self.weight[idx[:, 0]].float() - self.weight[idx[:, 1]].float()
+        relative = (rows * hidden).norm(dim=-1)
+        isotropic = rows.norm(dim=-1) * hidden.norm(dim=-1)
+        shaped = (rows * self.norm_scale).norm(dim=-1)
+        return torch.stack([bf16, fp32, ulps, bf16 / isotropic, bf16 / relative, bf16 / shaped, bf16 / relative.sqrt()], dim=1)
 
     def take(self, n_prompts: int, batch_size: int) -> list[list[torch.Tensor]]:
         """The signals recorded since the last ``take``, per prompt (prompt order) and step."""
@@ -114,12 +145,10 @@ class Signals:
         return per_prompt
 
 
-def signal_table(report, signals: dict[int, list[list[torch.Tensor]]], column: int, candidates) -> list[dict[str, Any]]:
-    """``measure.gate_at`` for a gate on signal ``column``: the same steps and flips as ``report``
-    (its repairs and its tokens that differ from the canonical ones), judged by that signal."""
+def signal_counts(report, signals: dict[int, list[list[torch.Tensor]]], column: int) -> dict[str, Any]:
+    """``measure.gate_counts``' counts for a gate on signal ``column``: the same steps and flips as
+    ``report`` (its repairs and its tokens that differ from the canonical ones), valued by that signal."""
     import math
-
-    from margingate.measure import gate_at
 
     values, flips = [], []
     for b, per_prompt in signals.items():
@@ -129,14 +158,19 @@ def signal_table(report, signals: dict[int, list[list[torch.Tensor]]], column: i
             values += seen[1:]
             flips += [seen[s] for s in rows[i]["repair_steps"] if s < len(seen)]
         flips += [seen_at(per_prompt, e, column) for e in report["end_to_end_mismatches"] if e["batch_size"] == b]
-    counts = {
+    return {
         "steps": report["steps"],
         "step_margins": values,
         "flips": len(flips),
         "flip_margins": [v for v in flips if not math.isnan(v)],
         "end_to_end_mismatches": [{"margin": v} for v in flips if math.isnan(v)],  # unjudged: counted as escapes
     }
-    return [gate_at(counts, t) for t in candidates]
+
+
+def relative_thresholds(counts: dict[str, Any]) -> list[float]:
+    """``RELATIVE_FACTORS`` x the largest flip value of a signal (none without a flip)."""
+    top = max(counts["flip_margins"], default=None)
+    return [] if top is None else [f * top for f in RELATIVE_FACTORS]
 
 
 def _batch_of(label: str) -> int:
@@ -148,6 +182,24 @@ def _batch_of(label: str) -> int:
 def seen_at(per_prompt, event, column: int) -> float:
     steps = per_prompt[event["prompt"]]
     return float(steps[event["step"]][column]) if event["step"] < len(steps) else float("nan")
+
+
+def _band_row(band: dict[str, Any]) -> dict[str, Any]:
+    lo, hi = band["from"], band["below"]
+    bound = "" if band["upper_95"] is None else f" (< {100 * band['upper_95']:.2f} % at 95 %)"
+    return {
+        "fast margin": "0 (tie)" if hi == 0 else f"[{lo:g}, {hi:g})",
+        "steps": band["steps"],
+        "flips": band["flips"],
+        "flip rate": f"{100 * band['flips'] / band['steps']:.2f} %{bound}",
+    }
+
+
+def _relative_row(signal: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"signal": signal, "largest flip": f"{rows[0]['threshold']:.4g}" if rows else "-"}
+    for factor, r in zip(RELATIVE_FACTORS, rows, strict=False):
+        row[f"x{factor:g}"] = f"{100 * r['trigger_rate']:.2f} %, {r['escapes']}"
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     import margingate
     from margingate.batching import encode_prompts
     from margingate.cli.report import print_table, write_json
-    from margingate.measure import gate_report
+    from margingate.measure import gate_at, gate_report, margin_bands
     from margingate.prompt_sets import resolve
 
     from .harness import run_header
@@ -187,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: dict[str, Any] = {"threshold": args.threshold, "batch_sizes": args.batch_sizes, "tokens": args.tokens}
     started = time.perf_counter()
+    kept: dict[tuple[str, str, str], dict[str, Any]] = {}  # (mode, set, signal) -> counts, for the transfer
     encoded = {
         name: encode_prompts(resolve(name)[: args.prompts], tokenizer, margingate.hf_compat.vocab_size(model), name)
         for name in args.sets
@@ -215,11 +268,15 @@ def main(argv: list[str] | None = None) -> int:
                 candidates=args.candidates, eos=eos, pad_id=pad, sampling=sampling, on_run=on_run, keep_runs=True,
             )  # fmt: skip
             finish(labels[-1], len(prompts), recorded)
+            table["margin_bands"] = margin_bands(table, args.threshold)
             if signals and mode == "greedy":
-                table["signals"] = {
-                    "fp32 margin": signal_table(table, recorded, 0, FP32_CANDIDATES),
-                    "margin in ulps": signal_table(table, recorded, 1, ULP_CANDIDATES),
-                }
+                table["signals"], table["relative"] = {}, {}
+                for column, (signal, candidates) in enumerate(SIGNALS):
+                    counts = signal_counts(table, recorded, column)
+                    kept[(mode, name, signal)] = counts
+                    if candidates:
+                        table["signals"][signal] = [gate_at(counts, t) for t in candidates]
+                    table["relative"][signal] = [gate_at(counts, t) for t in relative_thresholds(counts)]
             table.pop("step_margins")
             table.pop("runs")
             results[f"{name}/{mode}"] = table
@@ -242,8 +299,23 @@ def main(argv: list[str] | None = None) -> int:
                         for r in rows
                     ]
                 )
+            print("flips / steps by fast margin:")
+            print_table([_band_row(band) for band in table["margin_bands"] if band["steps"]])
+            if table.get("relative"):
+                print("every signal at 1 / 1.5 / 2 x its largest flip value (trigger rate, escapes):")
+                print_table([_relative_row(signal, rows) for signal, rows in table["relative"].items()])
             if args.json:  # after every set and mode: a long study keeps what it measured
                 write_json(args.json, results)
+        measured = [name for name in encoded if (mode, name, SIGNALS[0][0]) in kept]
+        pairs = list(zip(measured, measured[1:] + measured[:1], strict=True)) if len(measured) > 1 else []
+        for source, target in pairs:
+            transfer = {
+                signal: [gate_at(kept[(mode, target, signal)], t) for t in relative_thresholds(kept[(mode, source, signal)])]
+                for signal, _ in SIGNALS
+            }
+            results[f"transfer {source} -> {target}/{mode}"] = transfer
+            print(f"\n{mode}: thresholds of {source} (1 / 1.5 / 2 x its largest flip value) on {target}:")
+            print_table([_relative_row(signal, rows) for signal, rows in transfer.items()])
     results["seconds"] = time.perf_counter() - started
     print(f"\ntotal {results['seconds']:.0f} s")
     if args.json:

@@ -342,6 +342,36 @@ def gate_report(
     }
 
 
+# Band edges of ``margin_bands`` (logit units): bf16 margins of logits in [8, 32) are multiples of
+# 1/16 or 1/8, so the first bands hold one representable value each.
+MARGIN_BAND_EDGES = (0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+def margin_bands(counts: dict[str, Any], upto: float) -> list[dict[str, Any]]:
+    """Where the flips of ``gate_counts`` sit: per band of fast margin below ``upto`` (the probe
+    threshold: every step below it was verified, so its flips are all known), the steps, the flips
+    and the flip rate; for a band without flips, ``upper_95``: the flip probability per step that
+    band is below with 95 % confidence (1 - 0.05^(1/steps)). Ties (margin 0) are a band of their own."""
+    edges = [0.0, *(e for e in MARGIN_BAND_EDGES if e < upto), upto]
+    bands = [(0.0, 0.0)] + [(lo, hi) for lo, hi in zip(edges, edges[1:], strict=False) if hi > lo]
+    rows = []
+    for lo, hi in bands:
+        inside = (lambda m: m == 0) if hi == 0 else (lambda m, lo=lo, hi=hi: lo <= m < hi and m > 0)
+        steps = sum(1 for m in counts["step_margins"] if inside(m))
+        flips = sum(1 for m in counts["flip_margins"] if inside(m))
+        rows.append(
+            {
+                "from": lo,
+                "below": hi,
+                "steps": steps,
+                "flips": flips,
+                "flip_rate": flips / steps if steps else None,
+                "upper_95": 1 - 0.05 ** (1 / steps) if steps and not flips else None,
+            }
+        )
+    return rows
+
+
 def check_safety_factor(safety_factor: float) -> None:
     """Raises ``ValueError`` unless ``safety_factor`` > 1 (a threshold must exceed every flip margin)."""
     if not safety_factor > 1:

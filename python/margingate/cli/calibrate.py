@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..measure import calibrated_threshold, check_safety_factor, config_name, gate_at, gate_report
+from ..measure import (
+    calibrated_threshold,
+    check_safety_factor,
+    config_name,
+    gate_at,
+    gate_report,
+    margin_bands,
+)
 from ..policies import GATE
 from .common import (
     EXIT_OK,
@@ -54,7 +61,24 @@ def _row(label: str, report: dict[str, Any], at: dict[str, Any]) -> dict[str, An
 
 def _saved(report: dict[str, Any], prompt_set: str, at: dict[str, Any]) -> dict[str, Any]:
     kept = {k: v for k, v in report.items() if k != "step_margins"}
-    return {"prompt_set": prompt_set, **kept, "trigger_rate": at["trigger_rate"], "escapes": at["escapes"]}
+    bands = margin_bands(report, report["probe_threshold"])
+    return {"prompt_set": prompt_set, **kept, "trigger_rate": at["trigger_rate"], "escapes": at["escapes"], "margin_bands": bands}
+
+
+def _band_rows(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per fast-margin band (trailing bands without steps left out): flips / steps of every
+    measured set (``parts``: label -> the saved report) side by side."""
+    rows, last = [], 0
+    for k, band in enumerate(next(iter(parts.values()))["margin_bands"]):
+        lo, hi = band["from"], band["below"]
+        row = {"fast margin": "0 (tie)" if hi == 0 else f"{'(' if lo == 0 else '['}{lo:g}, {hi:g})"}
+        for label, part in parts.items():
+            b = part["margin_bands"][k]
+            last = k if b["steps"] else last
+            rate = pct(b["flip_rate"]) if b["flips"] else f"< {pct(b['upper_95'])}" if b["steps"] else "-"
+            row[label] = f"{b['flips']} / {b['steps']} ({rate})"
+        rows.append(row)
+    return rows[: last + 1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         f"= {threshold:.4g}"
     )
     print_table(rows)
+    print("flips / steps by fast margin (a band without flips: the flip probability it is below, 95 % confidence):")
+    parts = {"calibration": result["calibration"], "transfer": result["transfer"]}
+    print_table(_band_rows({label: part for label, part in parts.items() if part is not None}))
     if result["transfer"] is not None:
         escapes = result["transfer"]["escapes"]
         print(f"transfer: {escapes} flips at or above the threshold ({'ok' if not escapes else 'NOT COVERED'})")
