@@ -158,14 +158,14 @@ def test_compare_configs_counts_first_differences():
 def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     threshold_file, report_path, png = tmp_path / "t.json", tmp_path / "cal.json", tmp_path / "cal.png"
     rc = cli.main([
-        "calibrate", *common(tiny, "--transfer-prompts", str(tiny["prompts"]), "--safety-factor", "3",
+        "calibrate", *common(tiny, "--transfer-prompts", str(tiny["prompts"]), "--safety-factor", "30",
                              "--probe-threshold", "100", "--max-new-tokens", "48", "--output", str(threshold_file), "--json", str(report_path),
                              "--plot", str(png)),
     ])  # fmt: skip
     captured = capsys.readouterr()
     out = captured.out
     assert rc == 0, captured.err
-    assert "threshold = 3 x the largest flip margin" in out and "transfer:" in out
+    assert "threshold = 30 x the largest flip margin" in out and "transfer, decoded at the threshold" in out
     saved = json.loads(threshold_file.read_text())
     documented = {"command", "gate", "threshold", "safety_factor", "probe_threshold", "max_flip_margin", "flip_rate",
                   "trigger_rate", "model", "machine", "calibration", "transfer", "transfer_ok"}  # fmt: skip
@@ -177,16 +177,18 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     # seen as a repair (margin below the probe) or as a token differing from the canonical tokens.
     assert cal["flips"] > 0 and cal["flips"] == len(cal["flip_margins"])
     assert saved["max_flip_margin"] == max(cal["flip_margins"])
-    assert saved["threshold"] == pytest.approx(3 * saved["max_flip_margin"]) and saved["threshold"] > 0
+    assert saved["threshold"] == pytest.approx(30 * saved["max_flip_margin"]) and saved["threshold"] > 0
     assert cal["escapes"] == 0 and all(m < saved["threshold"] for m in cal["flip_margins"])
     assert 0.0 < saved["trigger_rate"] <= 1.0 and saved["flip_rate"] == cal["flips"] / cal["steps"]
-    # Same prompts for the transfer check: the threshold covers them by construction.
+    # The transfer set is decoded at the threshold itself (the decode a user gets), not at the probe; its escapes
+    # are measured there (same prompts here, and 30x the largest flip margin: none).
+    assert saved["transfer"]["probe_threshold"] == saved["threshold"] and saved["calibration"]["probe_threshold"] == 100
     assert saved["transfer"]["escapes"] == 0 and saved["transfer_ok"] is True
     # Where the flips sit: the bands hold every flip and every gated step below the probe.
     bands = cal["margin_bands"]
     assert sum(b["flips"] for b in bands) == cal["flips"] and bands[-1]["below"] == 100
     assert sum(b["steps"] for b in bands) == round(cal["steps"] - cal["prompts"] * len(cal["batch_sizes"]))
-    assert "flips / steps by fast margin" in out
+    assert "calibration set: flips / steps by fast margin" in out
     read_png(png)
 
     check_json = tmp_path / "check.json"

@@ -244,8 +244,11 @@ def gate_counts(
       differs from the canonical tokens, its margin the recorded one at that step.
     - for every candidate threshold t (at most the decoding threshold): ``trigger_rate``, the
       steps whose fast margin is below t (NaN included; step 0 comes from the canonical prefill
-      and is never gated), and ``escapes``, the flips whose fast margin is >= t: exact for t below
-      the decoding threshold too, since every step with a margin in [t, threshold) was verified.
+      and is never gated), and ``escapes``, the flips whose fast margin is >= t: for t below the
+      decoding threshold these are counted on this run's decode (every step with a margin in
+      [t, threshold) was verified, so its flip is known). A decode at t itself verifies fewer
+      steps, so more of its K/V are the fast path's and its shifts can differ: the escapes a
+      threshold really has are those of a decode at it (its tokens against the canonical ones).
     """
     steps, margins, flip_margins, mismatched, configs = 0, [], [], [], {}
     for b, run in runs.items():

@@ -1,9 +1,12 @@
 """``margingate calibrate``: the gate's threshold from the steps where the fast token differs from
 the canonical one. ``margin`` decodes the calibration set at a generous probe threshold in every
 configuration next to the canonical tokens; threshold = safety factor x the largest fast margin
-at such a flip. Reports the flip rate, the trigger rate and the escapes at that threshold on the
-calibration set and on a transfer set, and writes the threshold file (naming its gate) that
-``check --threshold-file`` reads."""
+at such a flip. Then ``margin`` decodes a transfer set at that threshold itself (the decode a user
+gets: fewer steps verified, staler fast K/V than at the probe), and its escapes are the flips the
+gate passed there (tokens that differ from the canonical ones, repairs of piggybacked rows at or
+above the threshold). Reports the flip rate, the trigger rate and the escapes of both sets, where
+the calibration set's flips sit by fast margin, and writes the threshold file (naming its gate)
+that ``check --threshold-file`` reads."""
 
 from __future__ import annotations
 
@@ -37,12 +40,12 @@ from .options import UsageError
 from .report import check_writable, fmt, pct, print_table, write_json, write_margin_plot
 
 
-def _measure(args, model, prompts, eos, pad, label: str) -> dict[str, Any]:
-    """``measure.gate_report`` of one prompt set at ``--probe-threshold``, with a progress bar."""
+def _measure(args, model, prompts, eos, pad, label: str, threshold: float) -> dict[str, Any]:
+    """``measure.gate_report`` of one prompt set decoded at ``threshold``, with a progress bar."""
     with RunBar(args, len(args.batch_sizes) + 1, f"calibrate ({label})") as bar:
         return gate_report(
             model, prompts, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
-            probe_threshold=args.probe_threshold, eos=eos, pad_id=pad, on_run=bar.on_run,
+            probe_threshold=threshold, eos=eos, pad_id=pad, on_run=bar.on_run,
         )  # fmt: skip
 
 
@@ -65,20 +68,20 @@ def _saved(report: dict[str, Any], prompt_set: str, at: dict[str, Any]) -> dict[
     return {"prompt_set": prompt_set, **kept, "trigger_rate": at["trigger_rate"], "escapes": at["escapes"], "margin_bands": bands}
 
 
-def _band_rows(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per fast-margin band (trailing bands without steps left out): flips / steps of every
-    measured set (``parts``: label -> the saved report) side by side."""
-    rows, last = [], 0
-    for k, band in enumerate(next(iter(parts.values()))["margin_bands"]):
+def _band_rows(bands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``measure.margin_bands`` as table rows, the trailing bands without steps left out."""
+    rows = []
+    for band in bands:
         lo, hi = band["from"], band["below"]
-        row = {"fast margin": "0 (tie)" if hi == 0 else f"{'(' if lo == 0 else '['}{lo:g}, {hi:g})"}
-        for label, part in parts.items():
-            b = part["margin_bands"][k]
-            last = k if b["steps"] else last
-            rate = pct(b["flip_rate"]) if b["flips"] else f"< {pct(b['upper_95'])}" if b["steps"] else "-"
-            row[label] = f"{b['flips']} / {b['steps']} ({rate})"
-        rows.append(row)
-    return rows[: last + 1]
+        if band["flips"]:
+            rate = pct(band["flip_rate"])
+        else:
+            rate = f"< {pct(band['upper_95'])}" if band["steps"] else "-"
+        label = "0 (tie)" if hi == 0 else f"{'(' if lo == 0 else '['}{lo:g}, {hi:g})"
+        rows.append({"fast margin": label, "steps": band["steps"], "flips": band["flips"], "flip rate": rate})
+    while len(rows) > 1 and not rows[-1]["steps"]:
+        rows.pop()
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,13 +105,13 @@ def run(args: argparse.Namespace) -> int:
     transfer_prompts = None if raw_transfer is None else encode(raw_transfer, tokenizer, model)
     eos, pad = eos_and_pad(model, tokenizer)
 
-    calibration = _measure(args, model, prompts, eos, pad, "calibration set")
+    calibration = _measure(args, model, prompts, eos, pad, "calibration set", args.probe_threshold)
     try:
         threshold = calibrated_threshold(calibration, args.safety_factor)
     except ValueError as err:
         raise UsageError(str(err)) from None
     at = gate_at(calibration, threshold)
-    rows = [_row(f"calibration ({args.prompts})", calibration, at)]
+    rows = [_row(f"calibration ({args.prompts}), at {args.probe_threshold:g}", calibration, at)]
     result: dict[str, Any] = {
         "command": "calibrate",
         "gate": GATE,
@@ -126,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
     }
     plot_flips, plot_steps = list(calibration["flip_margins"]), list(calibration["step_margins"])
     if transfer_prompts is not None:
-        transfer = _measure(args, model, transfer_prompts, eos, pad, f"transfer set: {transfer_spec}")
+        transfer = _measure(args, model, transfer_prompts, eos, pad, f"transfer set: {transfer_spec}", threshold)
         t_at = gate_at(transfer, threshold)
-        rows.append(_row(f"transfer ({transfer_spec})", transfer, t_at))
+        rows.append(_row(f"transfer ({transfer_spec}), at {threshold:.4g}", transfer, t_at))
         result["transfer"] = _saved(transfer, transfer_spec, t_at)
         result["transfer_ok"] = t_at["escapes"] == 0
         plot_flips += transfer["flip_margins"]
@@ -144,12 +147,17 @@ def run(args: argparse.Namespace) -> int:
         f"= {threshold:.4g}"
     )
     print_table(rows)
-    print("flips / steps by fast margin (a band without flips: the flip probability it is below, 95 % confidence):")
-    parts = {"calibration": result["calibration"], "transfer": result["transfer"]}
-    print_table(_band_rows({label: part for label, part in parts.items() if part is not None}))
+    print(
+        "calibration set: flips / steps by fast margin (a band without flips: the flip probability per step it is "
+        "below, 95 % confidence):"
+    )
+    print_table(_band_rows(result["calibration"]["margin_bands"]))
     if result["transfer"] is not None:
         escapes = result["transfer"]["escapes"]
-        print(f"transfer: {escapes} flips at or above the threshold ({'ok' if not escapes else 'NOT COVERED'})")
+        print(
+            f"transfer, decoded at the threshold: {escapes} flips the gate passed "
+            f"({'ok' if not escapes else 'NOT COVERED'})"
+        )
     write_json(args.output, result)
     print(f"threshold file written to {args.output} (use: margingate check --threshold-file {args.output})")
     write_json(args.json, result)

