@@ -168,7 +168,7 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     assert "threshold = 30 x the largest flip margin" in out and "transfer, decoded at the threshold" in out
     saved = json.loads(threshold_file.read_text())
     documented = {"command", "gate", "threshold", "safety_factor", "probe_threshold", "max_flip_margin", "flip_rate",
-                  "trigger_rate", "model", "machine", "calibration", "transfer", "transfer_ok"}  # fmt: skip
+                  "trigger_rate", "model", "machine", "calibration", "confirmations", "transfer", "transfer_ok"}  # fmt: skip
     assert documented <= set(saved), documented - set(saved)
     assert saved == json.loads(report_path.read_text())
     assert saved["gate"] == margingate.policies.GATE
@@ -176,8 +176,14 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     # The tiny model flips (by 48 tokens): every flip is a step whose fast token differed from the canonical one,
     # seen as a repair (margin below the probe) or as a token differing from the canonical tokens.
     assert cal["flips"] > 0 and cal["flips"] == len(cal["flip_margins"])
-    assert saved["max_flip_margin"] == max(cal["flip_margins"])
-    assert saved["threshold"] == pytest.approx(30 * saved["max_flip_margin"]) and saved["threshold"] > 0
+    # Threshold = 30 x the largest flip margin of the probe decode, raised until a decode of the calibration set at
+    # the threshold itself flips only below threshold / 30 (its own repairs differ from the probe's).
+    confirmed = saved["confirmations"][-1]
+    assert 1 <= len(saved["confirmations"]) <= 3 and confirmed["probe_threshold"] == saved["threshold"]
+    assert 30 * max(confirmed["flip_margins"], default=0) <= saved["threshold"] and confirmed["escapes"] == 0
+    assert saved["max_flip_margin"] in [max(p["flip_margins"]) for p in (cal, *saved["confirmations"])]
+    assert saved["threshold"] == pytest.approx(30 * saved["max_flip_margin"])
+    assert saved["threshold"] >= 30 * max(cal["flip_margins"])
     assert cal["escapes"] == 0 and all(m < saved["threshold"] for m in cal["flip_margins"])
     assert 0.0 < saved["trigger_rate"] <= 1.0 and saved["flip_rate"] == cal["flips"] / cal["steps"]
     # The transfer set is decoded at the threshold itself (the decode a user gets), not at the probe; its escapes
