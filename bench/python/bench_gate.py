@@ -188,10 +188,11 @@ def seen_at(per_prompt, event, column: int) -> float:
 
 
 def _band_row(band: dict[str, Any]) -> dict[str, Any]:
-    lo, hi = band["from"], band["below"]
+    from margingate.cli.report import band_label
+
     bound = "" if band["upper_95"] is None else f" (< {100 * band['upper_95']:.2f} % at 95 %)"
     return {
-        "fast margin": "0 (tie)" if hi == 0 else f"[{lo:g}, {hi:g})",
+        "fast margin": band_label(band),
         "steps": band["steps"],
         "flips": band["flips"],
         "flip rate": f"{100 * band['flips'] / band['steps']:.2f} %{bound}",

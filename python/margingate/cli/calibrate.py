@@ -37,7 +37,7 @@ from .common import (
     say,
 )  # fmt: skip
 from .options import UsageError
-from .report import check_writable, fmt, pct, print_table, write_json, write_margin_plot
+from .report import band_label, check_writable, fmt, pct, print_table, write_json, write_margin_plot
 
 # Decodes of the calibration set at the threshold before calibrate gives up (each raises it or confirms it).
 MAX_CONFIRMATIONS = 3
@@ -75,13 +75,11 @@ def _band_rows(bands: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``measure.margin_bands`` as table rows, the trailing bands without steps left out."""
     rows = []
     for band in bands:
-        lo, hi = band["from"], band["below"]
         if band["flips"]:
             rate = pct(band["flip_rate"])
         else:
             rate = f"< {pct(band['upper_95'])}" if band["steps"] else "-"
-        label = "0 (tie)" if hi == 0 else f"{'(' if lo == 0 else '['}{lo:g}, {hi:g})"
-        rows.append({"fast margin": label, "steps": band["steps"], "flips": band["flips"], "flip rate": rate})
+        rows.append({"fast margin": band_label(band), "steps": band["steps"], "flips": band["flips"], "flip rate": rate})
     while len(rows) > 1 and not rows[-1]["steps"]:
         rows.pop()
     return rows

@@ -44,6 +44,12 @@ def pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
+def band_label(band: dict[str, Any]) -> str:
+    """A ``measure.margin_bands`` band as text: "0 (tie)", "(0, 0.0625)", "[0.0625, 0.125)", ..."""
+    lo, hi = band["from"], band["below"]
+    return "0 (tie)" if hi == 0 else f"{'(' if lo == 0 else '['}{lo:g}, {hi:g})"
+
+
 def print_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
     if not rows:
         return
