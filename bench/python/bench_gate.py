@@ -187,18 +187,6 @@ def seen_at(per_prompt, event, column: int) -> float:
     return float(steps[event["step"]][column]) if event["step"] < len(steps) else float("nan")
 
 
-def _band_row(band: dict[str, Any]) -> dict[str, Any]:
-    from margingate.cli.report import band_label
-
-    bound = "" if band["upper_95"] is None else f" (< {100 * band['upper_95']:.2f} % at 95 %)"
-    return {
-        "fast margin": band_label(band),
-        "steps": band["steps"],
-        "flips": band["flips"],
-        "flip rate": f"{100 * band['flips'] / band['steps']:.2f} %{bound}",
-    }
-
-
 def _relative_row(signal: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {"signal": signal, "largest flip": f"{rows[0]['threshold']:.4g}" if rows else "-"}
     for factor, r in zip(RELATIVE_FACTORS, rows, strict=False):
@@ -236,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import margingate
     from margingate.batching import encode_prompts
-    from margingate.cli.report import print_table, write_json
+    from margingate.cli.report import band_rows, print_table, write_json
     from margingate.measure import gate_at, gate_report, margin_bands
     from margingate.prompt_sets import resolve
 
@@ -314,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                 )
             print("flips / steps by fast margin:")
-            print_table([_band_row(band) for band in table["margin_bands"] if band["steps"]])
+            print_table(band_rows(table["margin_bands"]))
             if table.get("relative"):
                 print("every signal at 1 / 1.5 / 2 x its largest flip value (trigger rate, escapes):")
                 print_table([_relative_row(signal, rows) for signal, rows in table["relative"].items()])

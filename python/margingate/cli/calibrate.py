@@ -37,7 +37,7 @@ from .common import (
     say,
 )  # fmt: skip
 from .options import UsageError
-from .report import band_label, check_writable, fmt, pct, print_table, write_json, write_margin_plot
+from .report import band_rows, check_writable, fmt, pct, print_table, write_json, write_margin_plot
 
 # Decodes of the calibration set at the threshold before calibrate gives up (each raises it or confirms it).
 MAX_CONFIRMATIONS = 3
@@ -69,20 +69,6 @@ def _saved(report: dict[str, Any], prompt_set: str, at: dict[str, Any]) -> dict[
     kept = {k: v for k, v in report.items() if k != "step_margins"}
     bands = margin_bands(report, report["probe_threshold"])
     return {"prompt_set": prompt_set, **kept, "trigger_rate": at["trigger_rate"], "escapes": at["escapes"], "margin_bands": bands}
-
-
-def _band_rows(bands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``measure.margin_bands`` as table rows, the trailing bands without steps left out."""
-    rows = []
-    for band in bands:
-        if band["flips"]:
-            rate = pct(band["flip_rate"])
-        else:
-            rate = f"< {pct(band['upper_95'])}" if band["steps"] else "-"
-        rows.append({"fast margin": band_label(band), "steps": band["steps"], "flips": band["flips"], "flip rate": rate})
-    while len(rows) > 1 and not rows[-1]["steps"]:
-        rows.pop()
-    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         "calibration set: flips / steps by fast margin (a band without flips: the flip probability per step it is "
         "below, 95 % confidence):"
     )
-    print_table(_band_rows(result["calibration"]["margin_bands"]))
+    print_table(band_rows(result["calibration"]["margin_bands"]))
     if result["transfer"] is not None:
         escapes = result["transfer"]["escapes"]
         print(

@@ -44,10 +44,21 @@ def pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
-def band_label(band: dict[str, Any]) -> str:
-    """A ``measure.margin_bands`` band as text: "0 (tie)", "(0, 0.0625)", "[0.0625, 0.125)", ..."""
-    lo, hi = band["from"], band["below"]
-    return "0 (tie)" if hi == 0 else f"{'(' if lo == 0 else '['}{lo:g}, {hi:g})"
+def band_rows(bands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``measure.margin_bands`` as table rows ("0 (tie)", "(0, 0.0625)", "[0.0625, 0.125)", ...;
+    a band without flips shows its 95 % bound), the trailing bands without steps left out."""
+    rows = []
+    for band in bands:
+        lo, hi = band["from"], band["below"]
+        if band["flips"]:
+            rate = pct(band["flip_rate"])
+        else:
+            rate = f"< {pct(band['upper_95'])}" if band["steps"] else "-"
+        label = "0 (tie)" if hi == 0 else f"{'(' if lo == 0 else '['}{lo:g}, {hi:g})"
+        rows.append({"fast margin": label, "steps": band["steps"], "flips": band["flips"], "flip rate": rate})
+    while len(rows) > 1 and not rows[-1]["steps"]:
+        rows.pop()
+    return rows
 
 
 def print_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
