@@ -255,14 +255,32 @@ def test_gate_report_sees_escapes_of_a_low_threshold(tiny):
     differ from the canonical ones) while a threshold above every flip margin lets none through."""
     model, _ = load_model(tiny["model"])
     prompts = [json.loads(line)["input_ids"] for line in tiny["prompts"].read_text().splitlines()]
-    reports = {
-        t: measure.gate_report(model, prompts, batch_sizes=[1, 3, 8], max_new_tokens=48, probe_threshold=t, candidates=[t])
-        for t in (0.0, 100.0)
-    }
-    high, low = reports[100.0], reports[0.0]
+    high = measure.gate_report(model, prompts, batch_sizes=[1, 3, 8], max_new_tokens=48, probe_threshold=100.0, candidates=[100.0])
+    # the canonical tokens depend on the prompts alone: the second report takes the first one's
+    low = measure.gate_report(
+        model, prompts, batch_sizes=[1, 3, 8], max_new_tokens=48, probe_threshold=0.0, candidates=[0.0],
+        canonical=high["canonical"],
+    )  # fmt: skip
     assert high["flips"] > 0 and high["candidates"][0]["escapes"] == 0 and not high["end_to_end_mismatches"]
     assert low["end_to_end_mismatches"] and low["candidates"][0]["escapes"] == low["flips"] > 0
-    assert low["candidates"][0]["trigger_rate"] == 0.0
+    assert low["candidates"][0]["trigger_rate"] == 0.0 and low["canonical"] == high["canonical"]
+
+
+def test_gate_report_judges_against_the_canonical_tokens_it_is_given(tiny):
+    """Canonical tokens passed in are what the decode is judged against (not decoded again): one
+    changed token makes that prompt differ in every configuration, at that step; a list of the
+    wrong length is refused."""
+    model, _ = load_model(tiny["model"])
+    prompts = [json.loads(line)["input_ids"] for line in tiny["prompts"].read_text().splitlines()][:4]
+    kw = dict(batch_sizes=[1, 3], max_new_tokens=8, probe_threshold=100.0)
+    first = measure.gate_report(model, prompts, **kw)
+    assert not first["end_to_end_mismatches"]
+    changed = [list(seq) for seq in first["canonical"]]
+    changed[2][5] = (changed[2][5] + 1) % model.config.vocab_size
+    second = measure.gate_report(model, prompts, **kw, canonical=changed)
+    assert [(e["prompt"], e["step"]) for e in second["end_to_end_mismatches"]] == [(2, 5), (2, 5)]
+    with pytest.raises(ValueError, match="3 canonical sequences for 4 prompts"):
+        measure.gate_report(model, prompts, **kw, canonical=changed[:3])
 
 
 def test_shipped_calibrations_are_of_this_gate_and_cover_their_flips():

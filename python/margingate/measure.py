@@ -58,12 +58,14 @@ def decode_config(
     record_margins: bool = False,
     sampling: dict[str, Any] | None = None,
     speculative: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """One configuration: ``generate`` over the prompts in ``config_order``; the result back in
     prompt order as ``{"sequences", "margins", "stats", "seconds"}``. ``sampling``: ``temperature``,
     ``top_k``, ``min_p``, ``seed`` (an int: prompt i keeps the stream ``prompt_seed(seed, i)`` of its
     index in ``prompts``, whatever its place in the configuration). ``policy="speculative"``:
-    ``always`` with ``speculative=speculative`` (draft tokens per round)."""
+    ``always`` with ``speculative=speculative`` (draft tokens per round). ``progress``: ``generate``'s
+    token bar for this configuration (it disappears when the configuration is done)."""
     if policy == "speculative":
         policy = "always"
     else:
@@ -87,6 +89,7 @@ def decode_config(
         seed=seeds,
         **sampling,
         speculative=speculative,
+        progress=progress,
     )
     n = len(order)
     sequences: list[list[int]] = [[] for _ in range(n)]
@@ -179,6 +182,7 @@ def flip_report(
     eos: Sequence[int] = (),
     pad_id: int = 0,
     on_run: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Fast-path (``off``) flips of every batched configuration against the first one."""
     _require_two(batch_sizes)
@@ -189,7 +193,7 @@ def flip_report(
             on_run(f"off, {config_name(b)}")
         runs[b] = decode_config(
             model, prompts, policy="off", batch_size=b, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
-            record_margins=True,
+            record_margins=True, progress=progress,
         )
     reference = batch_sizes[0]
     ref = runs[reference]
@@ -316,16 +320,23 @@ def gate_report(
     pad_id: int = 0,
     sampling: dict[str, Any] | None = None,
     on_run: Callable[[str], None] | None = None,
+    progress: bool = False,
     keep_runs: bool = False,
+    canonical: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """``gate_counts`` of ``margin`` at ``probe_threshold`` in every configuration, against the
     canonical tokens (``invariant``, batch-invariant by construction, decoded once in the largest
-    batch). ``keep_runs``: also return the ``decode_config`` results per batch size (``runs``)."""
-    common = dict(max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, sampling=sampling)
+    batch; returned as ``canonical``). ``canonical``: those tokens from an earlier report on the same
+    prompts, decoding settings and sampling (they depend on nothing else), not decoded again.
+    ``keep_runs``: also return the ``decode_config`` results per batch size (``runs``)."""
+    common = dict(max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, sampling=sampling, progress=progress)
     started = time.perf_counter()
-    if on_run is not None:
-        on_run(f"canonical tokens, {config_name(max(batch_sizes))}")
-    canonical = decode_config(model, prompts, policy="invariant", batch_size=max(batch_sizes), **common)
+    if canonical is None:
+        if on_run is not None:
+            on_run(f"canonical tokens, {config_name(max(batch_sizes))}")
+        canonical = decode_config(model, prompts, policy="invariant", batch_size=max(batch_sizes), **common)["sequences"]
+    elif len(canonical) != len(prompts):
+        raise ValueError(f"gate_report: {len(canonical)} canonical sequences for {len(prompts)} prompts")
     runs = {}
     for b in batch_sizes:
         if on_run is not None:
@@ -333,7 +344,7 @@ def gate_report(
         runs[b] = decode_config(
             model, prompts, policy="margin", batch_size=b, threshold=probe_threshold, record_margins=True, **common
         )
-    counts = gate_counts(runs, canonical["sequences"], [t for t in candidates if t <= probe_threshold])
+    counts = gate_counts(runs, canonical, [t for t in candidates if t <= probe_threshold])
     return {
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
@@ -341,6 +352,7 @@ def gate_report(
         "probe_threshold": probe_threshold,
         **counts,
         "seconds": time.perf_counter() - started,
+        "canonical": [list(seq) for seq in canonical],
         **({"runs": runs} if keep_runs else {}),
     }
 
@@ -490,6 +502,7 @@ def check_report(
     eos: Sequence[int] = (),
     pad_id: int = 0,
     on_run: Callable[[str], None] | None = None,
+    progress: bool = False,
     sampling: dict[str, Any] | None = None,
     speculative: int | None = None,
 ) -> dict[str, Any]:
@@ -515,7 +528,7 @@ def check_report(
             results[policy][b] = decode_config(
                 model, prompts, policy=policy, batch_size=b, max_new_tokens=max_new_tokens, threshold=threshold,
                 window=window, eos=eos, pad_id=pad_id, record_margins=policy in ("off", "margin"), sampling=sampling,
-                speculative=speculative,
+                speculative=speculative, progress=progress,
             )
     reference = batch_sizes[0]
     off_seconds = sum(results["off"][b]["seconds"] for b in batch_sizes)

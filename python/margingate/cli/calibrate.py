@@ -43,12 +43,15 @@ from .report import band_rows, check_writable, fmt, pct, print_table, write_json
 MAX_CONFIRMATIONS = 3
 
 
-def _measure(args, model, prompts, eos, pad, label: str, threshold: float) -> dict[str, Any]:
-    """``measure.gate_report`` of one prompt set decoded at ``threshold``, with a progress bar."""
-    with RunBar(args, len(args.batch_sizes) + 1, f"calibrate ({label})") as bar:
+def _measure(args, model, prompts, eos, pad, label: str, threshold: float, canonical=None) -> dict[str, Any]:
+    """``measure.gate_report`` of one prompt set decoded at ``threshold``, with progress bars (one
+    tick per configuration, and the token bar of the configuration running). ``canonical``: the
+    set's canonical tokens from an earlier report (not decoded again)."""
+    with RunBar(args, len(args.batch_sizes) + (canonical is None), f"calibrate ({label})") as bar:
         return gate_report(
             model, prompts, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
-            probe_threshold=threshold, eos=eos, pad_id=pad, on_run=bar.on_run,
+            probe_threshold=threshold, eos=eos, pad_id=pad, on_run=bar.on_run, progress=not args.quiet,
+            canonical=canonical,
         )  # fmt: skip
 
 
@@ -66,7 +69,7 @@ def _row(label: str, report: dict[str, Any], at: dict[str, Any]) -> dict[str, An
 
 
 def _saved(report: dict[str, Any], prompt_set: str, at: dict[str, Any]) -> dict[str, Any]:
-    kept = {k: v for k, v in report.items() if k != "step_margins"}
+    kept = {k: v for k, v in report.items() if k not in ("step_margins", "canonical")}
     bands = margin_bands(report, report["probe_threshold"])
     return {"prompt_set": prompt_set, **kept, "trigger_rate": at["trigger_rate"], "escapes": at["escapes"], "margin_bands": bands}
 
@@ -102,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     # its flips can sit at larger margins. Raise the threshold until it is the safety factor times
     # the largest flip margin of the decode at it (that decode's escapes included).
     for _ in range(MAX_CONFIRMATIONS):
-        confirm = _measure(args, model, prompts, eos, pad, f"calibration set at {threshold:.4g}", threshold)
+        confirm = _measure(
+            args, model, prompts, eos, pad, f"calibration set at {threshold:.4g}", threshold, calibration["canonical"]
+        )
         c_at = gate_at(confirm, threshold)
         confirmations.append(_saved(confirm, args.prompts, c_at))
         rows.append(_row(f"calibration ({args.prompts}), at {threshold:.4g}", confirm, c_at))

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         report = check_report(
             model, prompts, policies=all_policies, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
             threshold=threshold, window=args.window, eos=eos, pad_id=pad, on_run=bar.on_run, sampling=sampling,
-            speculative=args.speculative,
+            speculative=args.speculative, progress=not args.quiet,
         )  # fmt: skip
     machine = machine_info()
     _print_report(args, report, name, n, threshold, source, machine)

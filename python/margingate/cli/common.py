@@ -147,7 +147,9 @@ def read_threshold(args: argparse.Namespace) -> tuple[float | None, str]:
 # ----------------------------------------------------------------------------- progress
 class RunBar:
     """A run-level progress bar (one tick per configuration x policy; nothing with --quiet). Its
-    ``on_run`` is the measure functions' callback: it names the run starting and ticks the last one."""
+    ``on_run`` is the measure functions' callback: it names the run starting and ticks the last one.
+    The commands also pass ``progress=not args.quiet`` to the measure functions, so the run in
+    progress shows ``generate``'s token bar below this one."""
 
     def __init__(self, args: argparse.Namespace, total: int, desc: str):
         self.bar = None if args.quiet else tqdm(total=total, desc=desc, unit="run")

@@ -30,7 +30,7 @@ def measure_flips(args: argparse.Namespace, model, prompts, eos, pad, label: str
     with RunBar(args, len(args.batch_sizes), f"flips{label}") as bar:
         return flip_report(
             model, prompts, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens, eos=eos, pad_id=pad,
-            on_run=bar.on_run,
+            on_run=bar.on_run, progress=not args.quiet,
         )  # fmt: skip
 
 
