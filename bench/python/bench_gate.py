@@ -29,6 +29,9 @@ input) and the lm head rows w1, w2 of the top two bf16 candidates:
 - fp32 margin: h dotted in fp32 with the lm head rows of the 16 best bf16 candidates (top-1 by fp32
   minus the best other candidate, or the 16th candidate's bf16 value plus half an ulp, whichever is
   larger): the margin before the lm head rounds to bf16;
+- fp32 margin of the fast token: the same, but of the token the fast path chose (the bf16 argmax,
+  first index on ties) instead of the fp32 top-1, so it is negative when bf16 rounding tied the two
+  and the tie went to the token that fp32 ranks second: the signal a gate on fp32 logits would read;
 - margin in ulps: the bf16 margin in units of the bf16 ulp at the top logit's magnitude;
 - the bf16 margin divided by a predicted size of the fast-vs-canonical shift of that margin,
   (w1 - w2) . dh, under three models of the hidden-state error dh: isotropic (|w1 - w2| |h|),
@@ -66,6 +69,7 @@ RELATIVE_FACTORS = (1.0, 1.5, 2.0)
 SIGNALS = (
     ("bf16 margin", None),
     ("fp32 margin", FP32_CANDIDATES),
+    ("fp32 margin of the fast token", FP32_CANDIDATES),
     ("margin in ulps", ULP_CANDIDATES),
     ("margin / (|w1-w2| |h|)", None),
     ("margin / |(w1-w2) * h|", None),
@@ -90,8 +94,8 @@ def _csv(kind):
 
 class Signals:
     """Alternative gate signals at every fast step of ``margin`` (see the module docstring), kept per
-    processor (one per batch) and step: ``values[k][step]`` is a [B, 2] tensor (fp32 margin, margin
-    in ulps, ...: ``SIGNALS``' order) of the k-th batch decoded."""
+    processor (one per batch) and step: ``values[k][step]`` is a [B, S] tensor (one column per
+    ``SIGNALS`` entry, in its order) of the k-th batch decoded."""
 
     def __init__(self, model) -> None:
         import margingate.processor as processor
@@ -127,13 +131,18 @@ class Signals:
         last = top[:, -1]
         bound = last + torch.exp2(torch.floor(torch.log2(last.abs().clamp_min(1e-30))) - 8)
         fp32 = exact.gather(1, best)[:, 0] - torch.maximum(others, bound)
+        # the fast token: the bf16 argmax, first index on ties (the margin kernel's rule); NaN (verify)
+        # in the unlikely case that more than 16 candidates tie with it and topk left it out
+        is_fast = idx == logits.argmax(dim=-1, keepdim=True)
+        fast = exact.masked_fill(~is_fast, 0.0).sum(dim=-1).masked_fill(~is_fast.any(dim=-1), torch.nan)
+        fp32_fast = fast - torch.maximum(exact.masked_fill(is_fast, -torch.inf).amax(dim=-1), bound)
         bf16 = top[:, 0] - top[:, 1]
         ulps = bf16 / ulp_top
         rows = self.weight[idx[:, 0]].float() - self.weight[idx[:, 1]].float()
         relative = (rows * hidden).norm(dim=-1)
         isotropic = rows.norm(dim=-1) * hidden.norm(dim=-1)
         shaped = (rows * self.norm_scale).norm(dim=-1)
-        return torch.stack([bf16, fp32, ulps, bf16 / isotropic, bf16 / relative, bf16 / shaped, bf16 / relative.sqrt()], dim=1)
+        return torch.stack([bf16, fp32, fp32_fast, ulps, bf16 / isotropic, bf16 / relative, bf16 / shaped, bf16 / relative.sqrt()], dim=1)
 
     def take(self, n_prompts: int, batch_size: int) -> list[list[torch.Tensor]]:
         """The signals recorded since the last ``take``, per prompt (prompt order) and step."""
@@ -279,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     if candidates:
                         table["signals"][signal] = [gate_at(counts, t) for t in candidates]
                     table["relative"][signal] = [gate_at(counts, t) for t in relative_thresholds(counts)]
-            table.pop("step_margins")
-            table.pop("runs")
+            for bulky in ("step_margins", "runs", "canonical"):
+                table.pop(bulky)
             results[f"{name}/{mode}"] = table
             print(
                 f"{name}, {mode}: {table['steps']} decode steps in {len(args.batch_sizes)} configurations, {table['flips']} flips "
