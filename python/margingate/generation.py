@@ -234,7 +234,8 @@ def _decode_batches(model, decode, template: BatchJob, encoded, seeds, size: int
         from tqdm.auto import tqdm
 
         total = len(encoded) * template.max_new_tokens  # final tokens, a row's unused ones counted at its end
-        bar = tqdm(total=total, desc=f"generate[{template.policy}]", unit="token", leave=False)
+        # mininterval: at most one refresh a second (a log file gets one line per refresh)
+        bar = tqdm(total=total, desc=f"generate[{template.policy}]", unit="token", leave=False, mininterval=1.0)
     result = GenerationResult([[] for _ in encoded], {}, [[] for _ in encoded] if template.record_margins else None)
     rows: list[RowStats] = [RowStats() for _ in encoded]
     seconds, threshold_used, counters = 0.0, 0.0, {}
