@@ -19,6 +19,7 @@ import torch
 
 import margingate
 from margingate import cli, measure, prompt_sets
+from margingate.cli import check as check_cli
 from margingate.models import ModelLoadError, load_default_model, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -368,6 +369,15 @@ def test_check_report_fields(check_report):
     assert report["deterministic"] == report["policies"]["margin"]["deterministic"]
     assert rc == (0 if report["deterministic"] else 1)
     read_png(png)
+    # The per-configuration table check prints: each policy's seconds in each configuration, and its
+    # increment over off's seconds in that same configuration.
+    rows = {row["policy"]: row for row in check_cli.config_table(report["policies"], report["batch_sizes"])}
+    assert list(rows) == ["off", "margin", "always"] and list(rows["off"]) == ["policy", "alone s", "batch 3 s", "batch 8 s"]
+    for policy, e in report["policies"].items():
+        for b, label in zip(report["batch_sizes"], ("alone s", "batch 3 s", "batch 8 s"), strict=True):
+            seconds, off = e["per_config"][str(b)]["seconds"], report["policies"]["off"]["per_config"][str(b)]["seconds"]
+            expected = f"{seconds:.1f}" if policy == "off" else f"{seconds:.1f} ({seconds - off:+.1f})"
+            assert rows[policy][label] == expected
 
 
 def test_check_strict_exit_code_on_determinism_failure(tiny, monkeypatch, capsys):

@@ -64,6 +64,21 @@ def _table(per_policy: dict[str, dict[str, Any]], n: int) -> list[dict[str, Any]
     ]
 
 
+def config_table(per_policy: dict[str, dict[str, Any]], batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """Each policy's seconds per configuration, and its increment over ``off`` in the same
+    configuration (alone and batched costs differ: a policy can win batched and lose alone)."""
+    off = per_policy["off"]["per_config"]
+    rows = []
+    for policy, e in per_policy.items():
+        row: dict[str, Any] = {"policy": policy}
+        for b in batch_sizes:
+            seconds = e["per_config"][str(b)]["seconds"]
+            extra = "" if policy == "off" else f" ({seconds - off[str(b)]['seconds']:+.1f})"
+            row[f"{config_name(b)} s"] = f"{seconds:.1f}{extra}"
+        rows.append(row)
+    return rows
+
+
 def increment_line(per_policy: dict[str, dict[str, Any]], baseline: str, paper: str | None = None) -> str | None:
     """``increment(baseline) / increment(margin)`` with the two increments it rests on: a ratio of
     two small increments swings a lot between runs (3.78x to 28.4x seen on quiet runs), so the
@@ -143,6 +158,8 @@ def _print_report(args, report: dict[str, Any], name: str, n: int, threshold: fl
     )
     print(machine_line(machine))
     print_table(_table(per_policy, n))
+    print("seconds per configuration (+ over off in the same configuration):")
+    print_table(config_table(per_policy, args.batch_sizes))
     for baseline, paper in (("window", "2.23x on Llama-3.1-8B vs LLM-42"), ("always", None)):
         line = increment_line(per_policy, baseline, paper)
         if line:
