@@ -168,11 +168,12 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     assert rc == 0, captured.err
     assert "threshold = 30 x the largest flip margin" in out and "transfer, decoded at the threshold" in out
     saved = json.loads(threshold_file.read_text())
-    documented = {"command", "gate", "threshold", "safety_factor", "probe_threshold", "max_flip_margin", "flip_rate",
-                  "trigger_rate", "model", "machine", "calibration", "confirmations", "transfer", "transfer_ok"}  # fmt: skip
+    documented = {"command", "gate", "threshold", "safety_factor", "probe_threshold", "sampling", "max_flip_margin",
+                  "flip_rate", "trigger_rate", "model", "machine", "calibration", "confirmations", "transfer",
+                  "transfer_ok"}  # fmt: skip
     assert documented <= set(saved), documented - set(saved)
     assert saved == json.loads(report_path.read_text())
-    assert saved["gate"] == margingate.policies.GATE
+    assert saved["gate"] == margingate.policies.GATE and saved["sampling"] == {"temperature": 0.0}
     cal = saved["calibration"]
     # The tiny model flips (by 48 tokens): every flip is a step whose fast token differed from the canonical one,
     # seen as a repair (margin below the probe) or as a token differing from the canonical tokens.
@@ -209,6 +210,38 @@ def test_calibrate_then_check_with_threshold_file(tiny, tmp_path, capsys):
     )
     assert "margingate check" in out and "trigger rate" in out
     assert rc == 0
+
+
+def test_calibrate_seeded_sampling(tiny, tmp_path, monkeypatch, capsys):
+    """`calibrate --temperature ...` measures the gate of seeded sampling: every decode (the canonical
+    tokens and each configuration of `margin`) samples with the options given, the file records them,
+    and the threshold covers the seeded flips; a bad combination stops before the model loads."""
+    real, seen = measure.decode_config, []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["policy"], kwargs.get("sampling")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "decode_config", spy)
+    out_file = tmp_path / "seeded.json"
+    rc = cli.main([
+        "calibrate", *common(tiny, "--transfer-prompts", "none", "--safety-factor", "30", "--probe-threshold", "100",
+                             "--max-new-tokens", "24", "--output", str(out_file), "--temperature", "0.7",
+                             "--top-k", "20", "--seed", "5"),
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    sampling = {"temperature": 0.7, "top_k": 20, "min_p": None, "seed": 5}
+    saved = json.loads(out_file.read_text())
+    assert saved["sampling"] == sampling and f"sampling {sampling}" in captured.out
+    assert {p for p, _ in seen} == {"invariant", "margin"} and all(s == sampling for _, s in seen)
+    assert [p for p, _ in seen].count("invariant") == 1  # the canonical tokens, decoded once for every decode
+    cal = saved["calibration"]
+    assert cal["flips"] == len(cal["flip_margins"]) > 0 and all(m < saved["threshold"] for m in cal["flip_margins"])
+    assert saved["confirmations"][-1]["escapes"] == 0
+    seen.clear()
+    assert cli.main(["calibrate", *common(tiny, "--top-k", "5", "--output", str(tmp_path / "x.json"))]) == 2
+    assert "temperature" in capsys.readouterr().err and not seen and not (tmp_path / "x.json").exists()
 
 
 def test_gate_counts_flips_triggers_and_escapes():

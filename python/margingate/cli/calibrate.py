@@ -6,7 +6,9 @@ gets: fewer steps verified, staler fast K/V than at the probe), and its escapes 
 gate passed there (tokens that differ from the canonical ones, repairs of piggybacked rows at or
 above the threshold). Reports the flip rate, the trigger rate and the escapes of both sets, where
 the calibration set's flips sit by fast margin, and writes the threshold file (naming its gate)
-that ``check --threshold-file`` reads."""
+that ``check --threshold-file`` reads. Greedy by default; with ``--temperature`` (``--top-k``,
+``--min-p``, ``--seed``) every decode samples, so the flips and the threshold are those of the
+seeded sampler's gate (the noised margin), and the file records the sampling."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .common import (
     need_two_configs,
     read_prompts,
     require_canonical_forward,
+    sampling_from_args,
     say,
 )  # fmt: skip
 from .options import UsageError
@@ -44,14 +47,14 @@ MAX_CONFIRMATIONS = 3
 
 
 def _measure(args, model, prompts, eos, pad, label: str, threshold: float, canonical=None) -> dict[str, Any]:
-    """``measure.gate_report`` of one prompt set decoded at ``threshold``, with progress bars (one
-    tick per configuration, and the token bar of the configuration running). ``canonical``: the
-    set's canonical tokens from an earlier report (not decoded again)."""
+    """``measure.gate_report`` of one prompt set decoded at ``threshold`` (under ``args.sampling``),
+    with progress bars (one tick per configuration, and the token bar of the configuration running).
+    ``canonical``: the set's canonical tokens from an earlier report (not decoded again)."""
     with RunBar(args, len(args.batch_sizes) + (canonical is None), f"calibrate ({label})") as bar:
         return gate_report(
             model, prompts, batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
-            probe_threshold=threshold, eos=eos, pad_id=pad, on_run=bar.on_run, progress=not args.quiet,
-            canonical=canonical,
+            probe_threshold=threshold, eos=eos, pad_id=pad, sampling=args.sampling, on_run=bar.on_run,
+            progress=not args.quiet, canonical=canonical,
         )  # fmt: skip
 
 
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         check_safety_factor(args.safety_factor)  # before the model loads
     except ValueError as err:
         raise UsageError(f"--safety-factor: {err}") from None
+    args.sampling = sampling_from_args(args)
     raw_prompts = read_prompts(args.prompts, args.limit)
     transfer_spec = args.transfer_prompts
     raw_transfer = None
@@ -133,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         "threshold": threshold,
         "safety_factor": args.safety_factor,
         "probe_threshold": args.probe_threshold,
+        "sampling": args.sampling or {"temperature": 0.0},
         "max_flip_margin": basis,
         "flip_rate": calibration["flip_rate"],
         "trigger_rate": at["trigger_rate"],
@@ -155,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
     configs = ", ".join(config_name(b) for b in args.batch_sizes)
     print(
-        f"\ngate {GATE}: {args.prompts} prompts x {args.max_new_tokens} new tokens, configurations {configs}; "
+        f"\ngate {GATE}: {args.prompts} prompts x {args.max_new_tokens} new tokens, configurations {configs}, "
+        f"{'sampling ' + str(args.sampling) if args.sampling else 'greedy'}; "
         f"flips = steps whose fast token differs from the canonical one (margin at {args.probe_threshold:g})"
     )
     print(

@@ -10,7 +10,6 @@ from typing import Any
 
 from ..measure import check_report, config_name
 from ..policies import EXACT_POLICIES, GATE, POLICIES, default_threshold
-from ..sampling import Sampling
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -26,6 +25,7 @@ from .common import (
     read_prompts,
     read_threshold,
     require_canonical_forward,
+    sampling_from_args,
     say,
 )  # fmt: skip
 from .options import UsageError
@@ -35,15 +35,10 @@ _GATED = ("margin", "always", "window")  # the policies with a trigger rate and 
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any] | None:
-    if not (args.temperature > 0 or args.top_k or args.min_p):
-        return None
-    try:
-        Sampling.checked(args.temperature, args.top_k, args.min_p, None, "--temperature/--top-k/--min-p")
-    except (TypeError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    if args.speculative:
+    sampling = sampling_from_args(args)
+    if sampling and args.speculative:
         raise UsageError("--speculative is greedy only; drop --temperature/--top-k/--min-p or --speculative")
-    return {"temperature": args.temperature, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed}
+    return sampling
 
 
 def _table(per_policy: dict[str, dict[str, Any]], n: int) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from ..jsonl import read_text
 from ..models import ModelLoadError, load_default_model, load_model
 from ..policies import load_threshold_file
 from ..prompt_sets import PromptFileError, resolve
+from ..sampling import Sampling
 from .options import UsageError
 
 EXIT_OK = 0
@@ -142,6 +143,18 @@ def read_threshold(args: argparse.Namespace) -> tuple[float | None, str]:
         except ValueError as err:
             raise UsageError(str(err)) from None
     return None, "default"
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The measure functions' ``sampling`` from the sampling options (``add_sampling_group``): None
+    for greedy; a bad combination is a usage error, raised before the model loads."""
+    if not (args.temperature > 0 or args.top_k or args.min_p):
+        return None
+    try:
+        Sampling.checked(args.temperature, args.top_k, args.min_p, None, "--temperature/--top-k/--min-p")
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    return {"temperature": args.temperature, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed}
 
 
 # ----------------------------------------------------------------------------- progress

@@ -266,7 +266,8 @@ def _calibrate(sub) -> None:
         "canonical one (flips, each with its fast margin), and sets threshold = safety factor x the largest "
         "flip margin. Reports the flip rate, the trigger rate and the escapes (flips at or above the "
         "threshold) on the calibration set and on a transfer set, and saves a file for --threshold-file "
-        "that names the gate it calibrated.",
+        "that names the gate it calibrated and the sampling it was measured under (greedy by default; "
+        "--temperature etc. calibrate seeded sampling: the gate then reads the noised margin).",
     )
     add_model_group(cal)
     add_prompt_group(cal, prompts_help=PROMPTS_HELP + " (calibration set; default: all)")
@@ -290,6 +291,7 @@ def _calibrate(sub) -> None:
         "--output", "-o", metavar="PATH", default=DEFAULT_THRESHOLD_FILE,
         help=f"threshold file to write (default {DEFAULT_THRESHOLD_FILE})",
     )  # fmt: skip
+    add_sampling_group(cal)
     add_plot_option(cal)
 
 
